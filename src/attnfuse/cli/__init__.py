@@ -1,0 +1,5 @@
+"""The ``attnfuse`` command."""
+
+from attnfuse.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,3 @@
+from attnfuse.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""``attnfuse`` command: ``list``, ``describe``, ``demo``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+
+__all__ = ["main"]
+
+
+def _list(_: argparse.Namespace) -> int:
+    from attnfuse.fusion import FUSIONS
+    from attnfuse.ops import OPERATORS
+    from attnfuse.ops.backends import list_backends
+
+    print("operators:")
+    for name in sorted(OPERATORS):
+        print(f"  {name:<14} backends: {', '.join(list_backends(name))}")
+    print("fusions:")
+    for name, cls in sorted(FUSIONS.items()):
+        print(f"  {name:<14} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from attnfuse.fusion import FUSIONS
+    from attnfuse.ops import OPERATORS
+
+    if args.name in OPERATORS:
+        obj = OPERATORS[args.name].fn
+    elif args.name in FUSIONS:
+        obj = FUSIONS[args.name]
+    else:
+        known = sorted(OPERATORS) + sorted(FUSIONS)
+        print(f"attnfuse: unknown name {args.name!r}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {obj.__module__}.{obj.__qualname__}{inspect.signature(obj)}\n")
+    print(inspect.getdoc(obj))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from attnfuse.cli.demo import run_demo
+
+    run_demo(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attnfuse`` command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="attnfuse", description="Attention operators and attention fusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered operators and fusion modules").set_defaults(fn=_list)
+    p = sub.add_parser("describe", help="signature and documentation of an operator or fusion module")
+    p.add_argument("name")
+    p.set_defaults(fn=_describe)
+    p = sub.add_parser("demo", help="train and compare fusion methods on a small task")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        print(f"attnfuse {args.command}: error: {err}", file=sys.stderr)
+        return 2

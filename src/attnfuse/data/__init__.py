@@ -1,0 +1,3 @@
+"""attnfuse.data (filled by later issues)."""
+
+__all__: list[str] = []

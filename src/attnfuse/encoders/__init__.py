@@ -1,0 +1,3 @@
+"""attnfuse.encoders (filled by later issues)."""
+
+__all__: list[str] = []

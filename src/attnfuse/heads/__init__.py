@@ -1,0 +1,6 @@
+"""Task heads over fused token sets."""
+
+from attnfuse.heads.pooling import AttentionPool, Pool, first_token_pool, mean_pool
+from attnfuse.heads.prediction import ClassificationHead, RegressionHead
+
+__all__ = ["AttentionPool", "ClassificationHead", "Pool", "RegressionHead", "first_token_pool", "mean_pool"]

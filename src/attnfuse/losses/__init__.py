@@ -1,0 +1,3 @@
+"""attnfuse.losses (filled by later issues)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""attnfuse.models (filled by later issues)."""
+
+__all__: list[str] = []

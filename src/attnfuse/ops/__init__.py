@@ -1,0 +1,48 @@
+"""Parameter-free attention operators.
+
+Every operator is a plain function over already-projected queries, keys and values.
+
+Shape legend (used by every docstring in this package):
+
+    B   batch size
+    H   number of heads
+    L   query length (``Lq``)
+    S   key / value length (``Lk``)
+    D   query / key head dimension
+    Dv  value head dimension
+
+Layout is heads-first, as in :func:`torch.nn.functional.scaled_dot_product_attention`:
+``q (B, H, L, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)``; grid operators take
+``(B, H, X, Y, D)`` / ``(B, H, X, Y, Z, D)``.
+
+Conventions shared by all operators:
+
+* ``mask`` is boolean, ``True`` = this key takes part, broadcastable to ``(B, H, L, S)``.
+* A query with no allowed key returns exactly zero, and no gradient is NaN.
+* ``bias`` is an additive score bias that receives gradients.
+* ``return_weights=True`` returns ``(out, weights)``; ``return_lse=True`` returns ``(out, lse)``,
+  the log-sum-exp of the scores per query, ``-inf`` for a query with no allowed key.
+* ``backend="auto"`` picks the fastest backend that supports the call; see
+  :mod:`attnfuse.ops.backends` for the list and the scope override.
+"""
+
+from attnfuse.ops import backends
+from attnfuse.ops._registry import OPERATORS, OperatorSpec, get_operator, list_operators, register_operator
+from attnfuse.ops.dense import dense_attention
+from attnfuse.ops.merge import merge_attention
+from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
+
+__all__ = [
+    "OPERATORS",
+    "OperatorSpec",
+    "aggregate",
+    "apply_mask",
+    "backends",
+    "dense_attention",
+    "get_operator",
+    "list_operators",
+    "masked_softmax",
+    "merge_attention",
+    "register_operator",
+    "scores",
+]

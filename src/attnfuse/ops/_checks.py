@@ -1,0 +1,87 @@
+"""Shared input validation for attention operators. Errors name the argument and the expected shape."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_bias", "check_broadcastable", "check_mask", "check_qkv"]
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, rank: int = 4) -> None:
+    """Check ``q (B, H, L, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)`` (or grid ranks).
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor or the dtypes/devices differ.
+        ValueError: if ranks, batch/head dims, key lengths or head dims do not match.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype=}")
+        if t.dim() != rank:
+            raise ValueError(
+                f"{name} must have rank {rank} (B, H, L, D), got {name}.shape={tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            "q, k, v must share batch and head dims (B, H); got "
+            f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share the head dim D; got q.shape[-1]={q.shape[-1]}, k.shape[-1]={k.shape[-1]}"
+        )
+    if k.shape[2:-1] != v.shape[2:-1]:
+        raise ValueError(
+            f"k and v must have the same key length S; got k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+
+
+def check_broadcastable(name: str, t: Tensor, target: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``t`` broadcasts to ``target`` without growing its rank."""
+    if t.dim() > len(target):
+        raise ValueError(f"{name} must broadcast to {target} (B, H, L, S), got {name}.shape={tuple(t.shape)}")
+    for have, want in zip(reversed(t.shape), reversed(target)):
+        if have not in (1, want):
+            raise ValueError(
+                f"{name} must broadcast to {target} (B, H, L, S), got {name}.shape={tuple(t.shape)}"
+            )
+
+
+def check_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
+    """Check a boolean key mask broadcastable to ``target``.
+
+    Raises:
+        TypeError: if ``mask`` is not a bool tensor.
+        ValueError: if it does not broadcast to ``target``.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(
+            f"mask must be a torch.bool tensor (True = key takes part), got {got}; "
+            "for an additive float mask pass it as bias="
+        )
+    check_broadcastable("mask", mask, target)
+
+
+def check_bias(bias: Tensor | None, target: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Check an additive floating-point score bias broadcastable to ``target``.
+
+    Raises:
+        TypeError: if ``bias`` is not floating point.
+        ValueError: if it does not broadcast to ``target``.
+    """
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
+        raise TypeError(f"bias must be a floating-point tensor, got {got}; for a boolean mask pass mask=")
+    check_broadcastable("bias", bias, target)

@@ -1,0 +1,117 @@
+"""Dense (softmax dot-product) attention with masks, bias, causal flag, weights and log-sum-exp.
+
+Paper: Vaswani et al., "Attention Is All You Need" (https://arxiv.org/abs/1706.03762).
+Status: exact; backends ``"sdpa"`` (torch's fused kernels) and ``"reference"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnfuse.ops._checks import check_bias, check_mask, check_qkv
+from attnfuse.ops._registry import register_operator
+from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops.reference import causal_mask, reference_attention
+
+__all__ = ["dense_attention"]
+
+
+def _reference(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
+    out, weights, lse = reference_attention(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal)
+    return out, weights, lse
+
+
+def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
+    # SDPA gives no guarantee for rows with no allowed key (NaN on some kernels), so such rows get
+    # every key unmasked for the kernel and are zeroed afterwards; their gradient is then exactly 0.
+    row_ok = None
+    if is_causal and (mask is not None or bias is not None):
+        causal = causal_mask(q.shape[-2], k.shape[-2], device=q.device)  # (L, S)
+        mask = causal if mask is None else mask & causal
+        is_causal = False
+    if mask is not None:
+        row_ok = mask.any(dim=-1, keepdim=True)  # (B?, H?, L, 1)
+        mask = mask | ~row_ok
+    attn_mask = mask
+    if bias is not None:
+        attn_mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if row_ok is not None:
+        out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, None, None
+
+
+BACKENDS["dense"] = (
+    Backend("sdpa", _sdpa),
+    Backend("reference", _reference, weights=True, lse=True),
+)
+
+
+@register_operator("dense")
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, ...]:
+    """Softmax dot-product attention over all keys.
+
+    ``out = softmax(scale * q @ k^T + bias, over allowed keys) @ v``; a query with no allowed key
+    returns exactly 0, and its gradients are 0 (never NaN).
+
+    Args:
+        q: queries ``(B, H, L, D)``.
+        k: keys ``(B, H, S, D)``.
+        v: values ``(B, H, S, Dv)``.
+        mask: bool, ``True`` = key takes part, broadcastable to ``(B, H, L, S)``
+            (a key-padding mask is ``(B, 1, 1, S)``).
+        bias: additive float score bias broadcastable to ``(B, H, L, S)``; receives gradients.
+            Use ``mask`` (not ``-inf`` in ``bias``) to exclude keys.
+        scale: score scale, ``1/sqrt(D)`` when None.
+        is_causal: query ``i`` only sees keys ``j <= i`` (top-left aligned, as SDPA).
+        return_weights: also return the attention weights ``(B, H, L, S)``.
+        return_lse: also return the log-sum-exp ``(B, H, L)`` of the masked scores;
+            ``-inf`` for a query with no allowed key.
+        backend: ``"auto"``, ``"sdpa"`` or ``"reference"``; see :mod:`attnfuse.ops.backends`.
+
+    Returns:
+        ``out (B, H, L, Dv)``; or ``(out, weights)``, ``(out, lse)``, ``(out, weights, lse)``
+        depending on the flags.
+
+    Raises:
+        TypeError: non-float q/k/v, mixed dtypes, non-bool ``mask``, non-float ``bias``.
+        ValueError: wrong ranks, mismatched ``(B, H)``, ``D`` or ``S``, masks/biases that do not
+            broadcast, unknown ``backend``.
+
+    Shapes:
+        See :mod:`attnfuse.ops` (B, H, L, S, D, Dv).
+
+    Example:
+        >>> q = k = v = torch.randn(2, 4, 16, 32)
+        >>> out = dense_attention(q, k, v, mask=torch.rand(2, 1, 1, 16) > 0.5)
+        >>> out.shape
+        torch.Size([2, 4, 16, 32])
+    """
+    check_qkv(q, k, v)
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    check_mask(mask, target)
+    check_bias(bias, target, q.dtype)
+    call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights, need_lse=return_lse)
+    impl = choose_backend("dense", backend, call)
+    out, weights, lse = impl.fn(
+        q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
+        need_weights=return_weights, need_lse=return_lse,
+    )
+    if not (return_weights or return_lse):
+        return out
+    extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
+    return (out, *extra)

@@ -1,0 +1,3 @@
+"""attnfuse.train (filled by later issues)."""
+
+__all__: list[str] = []
