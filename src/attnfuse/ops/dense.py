@@ -36,6 +36,7 @@ def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
         mask = mask | ~row_ok
     attn_mask = mask
     if bias is not None:
+        bias = bias.to(q.dtype)  # SDPA rejects a float mask of another dtype; the reference casts too
         attn_mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     if row_ok is not None:

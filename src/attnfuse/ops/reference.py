@@ -63,6 +63,8 @@ def masked_softmax(s: Tensor) -> tuple[Tensor, Tensor]:
         elsewhere; ``lse (...)`` the log-sum-exp of each row, ``-inf`` for empty rows. Gradients are
         finite everywhere.
     """
+    if s.shape[-1] == 0:  # no keys at all: every row is empty (amax cannot reduce an empty axis)
+        return s, s.new_full(s.shape[:-1], float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True).detach()  # (..., 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)  # masked entries are exp(-inf) = 0
