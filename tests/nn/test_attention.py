@@ -85,8 +85,15 @@ def test_multi_axis_tokens_are_flattened_for_sequence_ops():
     torch.testing.assert_close(out.reshape(2, 12, 8), flat)
 
 
-def test_new_operator_is_usable_by_name():
+@pytest.fixture
+def scaled_operator():
     name = "test_scaled_dense"
+    yield name
+    OPERATORS.pop(name, None)  # keep the global registry clean for other tests
+
+
+def test_new_operator_is_usable_by_name(scaled_operator):
+    name = scaled_operator
     if name not in OPERATORS:
 
         @register_operator(name)

@@ -16,7 +16,7 @@ def _list(_: argparse.Namespace) -> int:
 
     print("operators:")
     for name in sorted(OPERATORS):
-        print(f"  {name:<14} backends: {', '.join(list_backends(name))}")
+        print(f"  {name:<14} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
     print("fusions:")
     for name, cls in sorted(FUSIONS.items()):
         print(f"  {name:<14} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")

@@ -93,8 +93,8 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {}
 
 
 def list_backends(op: str) -> list[str]:
-    """Names of an operator's backends, in ``"auto"`` priority order."""
-    return [b.name for b in BACKENDS[op]]
+    """Names of an operator's backends, in ``"auto"`` priority order (empty if it declares none)."""
+    return [b.name for b in BACKENDS.get(op, ())]
 
 
 @contextmanager
