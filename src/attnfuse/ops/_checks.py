@@ -19,7 +19,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, rank: int = 4) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype=}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {name}.dtype={t.dtype}")
         if t.dim() != rank:
             raise ValueError(
                 f"{name} must have rank {rank} (B, H, L, D), got {name}.shape={tuple(t.shape)}"

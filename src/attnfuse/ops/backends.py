@@ -62,6 +62,8 @@ class Backend:
         weights: can return attention weights.
         lse: can return the log-sum-exp.
         grad: supports backward.
+        auto_devices: device types on which ``"auto"`` may pick this backend (``None`` = every
+            supported device); elsewhere it runs only when requested by name.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Backend:
     weights: bool = False
     lse: bool = False
     grad: bool = True
+    auto_devices: frozenset[str] | None = None
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         """Every reason this backend cannot run ``call`` (empty if it can)."""
@@ -95,6 +98,13 @@ BACKENDS: dict[str, tuple[Backend, ...]] = {}
 def list_backends(op: str) -> list[str]:
     """Names of an operator's backends, in ``"auto"`` priority order (empty if it declares none)."""
     return [b.name for b in BACKENDS.get(op, ())]
+
+
+@torch.compiler.assume_constant_result
+def _restricted() -> tuple[str, ...] | None:
+    # Dynamo cannot trace ContextVar.get; under torch.compile the scope in effect when the graph
+    # is traced is baked into it (all backends are exact, so only the kernel choice can go stale).
+    return _RESTRICT.get()
 
 
 @contextmanager
@@ -131,14 +141,17 @@ def choose_backend(op: str, requested: str, call: Call) -> Backend:
         if reasons:
             raise ValueError(f"backend {requested!r} of operator {op!r} cannot run this call: {'; '.join(reasons)}")
         return backend
-    allowed = _RESTRICT.get()
+    allowed = _restricted()
     if allowed is not None:
         candidates = tuple(b for b in candidates if b.name in allowed)
     all_reasons = {}
     for backend in candidates:
         reasons = backend.not_supported_reasons(call)
+        if backend.auto_devices is not None and call.device not in backend.auto_devices:
+            reasons = [*reasons, f"not picked by 'auto' on {call.device!r} (request it by name)"]
         if not reasons:
-            log.debug("attnfuse: %s -> backend %s for %s", op, backend.name, call)
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+                log.debug("attnfuse: %s -> backend %s for %s", op, backend.name, call)
             return backend
         all_reasons[backend.name] = reasons
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in all_reasons.items()) or "no backend allowed"

@@ -23,10 +23,18 @@ def _reference(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse)
     return out, weights, lse
 
 
+def _at_least_2d(t: Tensor | None) -> Tensor | None:
+    """SDPA needs a mask / bias of rank >= 2 ``(L, S)``; a ``(S,)`` or scalar one is legal here."""
+    if t is None or t.dim() >= 2:
+        return t
+    return t.reshape((1,) * (2 - t.dim()) + tuple(t.shape))  # (1, S) or (1, 1)
+
+
 def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
     # SDPA gives no guarantee for rows with no allowed key (NaN on some kernels), so such rows get
     # every key unmasked for the kernel and are zeroed afterwards; their gradient is then exactly 0.
     row_ok = None
+    mask, bias = _at_least_2d(mask), _at_least_2d(bias)
     if is_causal and (mask is not None or bias is not None):
         causal = causal_mask(q.shape[-2], k.shape[-2], device=q.device)  # (L, S)
         mask = causal if mask is None else mask & causal
