@@ -29,20 +29,36 @@ Conventions shared by all operators:
 from attnfuse.ops import backends
 from attnfuse.ops._registry import OPERATORS, OperatorSpec, get_operator, list_operators, register_operator
 from attnfuse.ops.dense import dense_attention
+from attnfuse.ops.evidential import (
+    alpha_from_opinion,
+    conflict,
+    dempster_combine,
+    dempster_combine_many,
+    opinion_from_alpha,
+    opinion_from_evidence,
+)
 from attnfuse.ops.merge import merge_attention
 from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
+from attnfuse.ops.silu_kernel import silu_kernel_attention
 
 __all__ = [
     "OPERATORS",
     "OperatorSpec",
     "aggregate",
+    "alpha_from_opinion",
     "apply_mask",
     "backends",
+    "conflict",
+    "dempster_combine",
+    "dempster_combine_many",
     "dense_attention",
     "get_operator",
     "list_operators",
     "masked_softmax",
     "merge_attention",
+    "opinion_from_alpha",
+    "opinion_from_evidence",
     "register_operator",
     "scores",
+    "silu_kernel_attention",
 ]
