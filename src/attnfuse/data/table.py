@@ -1,0 +1,306 @@
+"""Describe a table's inputs as named column groups, validate a table against it, load CSV / Parquet.
+
+A *schema* says which columns of a table form which input, what kind of input each is, and what
+the target is::
+
+    schema = TableSchema(
+        inputs=[
+            InputSpec("vitals", "numeric", ["age", "bmi", "sbp"]),
+            InputSpec("site", "categorical", ["hospital", "ward"]),
+            InputSpec("notes", "text", ["note"]),
+            InputSpec("scan", "vector", [f"emb_{i}" for i in range(64)]),
+        ],
+        target="outcome",
+        task="classification",
+    )
+    validate(df, schema)  # raises SchemaError listing every problem at once
+
+Missing values never turn into silent zeros. With ``nan_policy="missing"`` (the default):
+
+========================  ==========================================================================
+kind                      a row's input is *absent* (mask all False for that sample) when
+========================  ==========================================================================
+numeric, vector           any of its cells is NaN / null
+categorical               all of its cells are null (a single null cell gets the reserved code 0)
+text                      all of its cells are null or blank (present cells are joined by newlines)
+========================  ==========================================================================
+
+``nan_policy="zero"`` keeps the input present and fills nulls (0.0, code 0, empty text);
+``nan_policy="error"`` makes :func:`validate` reject any null in the group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema", "load_table", "validate"]
+
+KINDS = ("numeric", "categorical", "text", "vector")
+NAN_POLICIES = ("missing", "error", "zero")
+TASKS = ("classification", "regression")
+
+
+class SchemaError(ValueError):
+    """A table does not match its schema, or a schema is malformed; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named input: a group of columns of one kind.
+
+    Args:
+        name: input name (the key of this input's tokens in the model).
+        kind: ``"numeric"``, ``"categorical"``, ``"text"`` or ``"vector"``.
+        columns: the table columns of this input. A ``vector`` or ``text`` input whose values
+            come from precomputed arrays (``arrays=`` of :func:`validate`) may list none.
+        nan_policy: ``"missing"``, ``"error"`` or ``"zero"`` (see the module docstring).
+
+    Raises:
+        SchemaError: bad name, kind, policy or columns.
+    """
+
+    name: str
+    kind: str
+    columns: tuple[str, ...] = field(default=())
+    nan_policy: str = "missing"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"InputSpec name must be a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise SchemaError(f"input {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise SchemaError(f"input {self.name!r}: nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        cols = self.columns
+        if isinstance(cols, str) or not isinstance(cols, Iterable):
+            raise SchemaError(f"input {self.name!r}: columns must be a list of column names, got {cols!r}")
+        cols = tuple(cols)
+        bad = [c for c in cols if not isinstance(c, str)]
+        if bad:
+            raise SchemaError(f"input {self.name!r}: column names must be strings, got {bad}")
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        if dup:
+            raise SchemaError(f"input {self.name!r}: column(s) listed twice: {dup}")
+        object.__setattr__(self, "columns", cols)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "columns": list(self.columns), "nan_policy": self.nan_policy}
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """Inputs, target and task of a table.
+
+    Args:
+        inputs: the inputs (distinct names).
+        target: the target column.
+        task: ``"classification"`` or ``"regression"``.
+
+    Raises:
+        SchemaError: no inputs, duplicate input names, unknown task, non-string target.
+    """
+
+    inputs: tuple[InputSpec, ...]
+    target: str
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        inputs = tuple(self.inputs)
+        if not inputs:
+            raise SchemaError("TableSchema needs at least one input")
+        bad = [type(i).__name__ for i in inputs if not isinstance(i, InputSpec)]
+        if bad:
+            raise SchemaError(f"TableSchema inputs must be InputSpec objects, got {bad}")
+        names = [i.name for i in inputs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise SchemaError(f"duplicate input name(s) {dup}; every input needs its own name")
+        if not isinstance(self.target, str) or not self.target:
+            raise SchemaError(f"target must be a column name (non-empty string), got {self.target!r}")
+        if self.task not in TASKS:
+            raise SchemaError(f"task must be one of {TASKS}, got {self.task!r}")
+        object.__setattr__(self, "inputs", inputs)
+
+    @property
+    def names(self) -> list[str]:
+        """Input names in declaration order."""
+        return [i.name for i in self.inputs]
+
+    def __getitem__(self, name: str) -> InputSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no input {name!r}; inputs: {self.names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for YAML / JSON), inverse of :meth:`from_dict`."""
+        return {"target": self.target, "task": self.task, "inputs": [i.to_dict() for i in self.inputs]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TableSchema:
+        """Build from ``{"target", "task", "inputs"}``; ``inputs`` is a list of dicts or ``{name: {kind, columns, ...}}``.
+
+        Raises:
+            SchemaError: missing or unknown keys.
+        """
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"schema must be a mapping with keys target, task, inputs; got {type(data).__name__}")
+        unknown = sorted(set(data) - {"target", "task", "inputs"})
+        if unknown or "target" not in data or "inputs" not in data:
+            raise SchemaError(f"schema keys are target, task (optional), inputs; got {sorted(data)}")
+        raw = data["inputs"]
+        items = [{"name": k, **dict(v)} for k, v in raw.items()] if isinstance(raw, Mapping) else [dict(v) for v in raw]
+        inputs = []
+        for item in items:
+            extra = sorted(set(item) - {"name", "kind", "columns", "nan_policy"})
+            if extra or "kind" not in item:
+                raise SchemaError(f"input {item.get('name')!r}: keys are name, kind, columns, nan_policy; got {sorted(item)}")
+            inputs.append(InputSpec(**item))
+        return cls(inputs=tuple(inputs), target=data["target"], task=data.get("task", "classification"))
+
+
+def _unknown_column(col: str, available: Sequence[str], what: str = "unknown column") -> str:
+    close = difflib.get_close_matches(col, [str(a) for a in available], n=3)
+    hint = f" (did you mean {close}?)" if close else ""
+    return f"{what} {col!r}{hint}; available columns: {[str(a) for a in available]}"
+
+
+def _rows(mask: np.ndarray, limit: int = 5) -> str:
+    idx = np.flatnonzero(mask)
+    shown = ", ".join(str(i) for i in idx[:limit])
+    return f"{len(idx)} row(s) (positions {shown}{', ...' if len(idx) > limit else ''})"
+
+
+def _is_text(s: pd.Series) -> bool:
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return bool(all(isinstance(c, str) for c in s.dtype.categories))
+    if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
+        return True
+    if pd.api.types.is_object_dtype(s.dtype):
+        vals = s.dropna()
+        return bool(vals.map(lambda v: isinstance(v, str)).all())
+    return False
+
+
+def _check_input(df: pd.DataFrame, spec: InputSpec, array: Any, problems: list[str]) -> None:
+    where = f"input {spec.name!r} ({spec.kind})"
+    if not spec.columns and array is None:
+        problems.append(f"{where}: empty column group; list its columns, or pass its values in arrays= (vector/text only)")
+        return
+    if array is not None and spec.kind not in ("vector", "text"):
+        problems.append(f"{where}: arrays= is only for vector and text inputs")
+    if array is not None and len(array) != len(df):
+        problems.append(f"{where}: arrays[{spec.name!r}] has {len(array)} rows but the table has {len(df)}")
+    for col in spec.columns:
+        s = df[col]
+        if spec.kind in ("numeric", "vector") and not (pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)):
+            problems.append(
+                f"{where}: column {col!r} has dtype {s.dtype}, expected a numeric dtype "
+                "(convert with pd.to_numeric, or declare the input as categorical/text)"
+            )
+        if spec.kind == "text" and not _is_text(s):
+            problems.append(f"{where}: column {col!r} has dtype {s.dtype}, expected strings")
+    if spec.nan_policy == "error" and spec.columns:
+        block = df[list(spec.columns)]
+        null = block.isna().to_numpy().any(axis=1)
+        if spec.kind == "text":
+            null |= block.apply(lambda c: c.map(lambda v: isinstance(v, str) and not v.strip())).to_numpy().any(axis=1)
+        if null.any():
+            problems.append(f"{where}: nan_policy='error' but {_rows(null)} have missing values in {list(spec.columns)}")
+
+
+def validate(
+    df: pd.DataFrame,
+    schema: TableSchema,
+    *,
+    arrays: Mapping[str, Any] | None = None,
+    require_target: bool = True,
+    allow_missing_inputs: bool = False,
+) -> set[str]:
+    """Check that ``df`` matches ``schema``; raise one :class:`SchemaError` listing every problem.
+
+    Checks: every column exists (unknown ones are listed with the available columns and close
+    matches); numeric/vector columns are numeric; text columns hold strings; the target exists, has
+    no nulls and (regression) is numeric; a target column is not also an input; groups are not
+    empty; ``nan_policy="error"`` groups have no nulls; ``arrays`` belong to vector/text inputs and
+    have one row per table row.
+
+    Args:
+        df: the table.
+        schema: its schema.
+        arrays: precomputed values ``{input name: array (N, F) or list of N arrays (L_i, F) / None}``.
+        require_target: check the target column (False when predicting on a table without it).
+        allow_missing_inputs: an input none of whose columns is in the table is absent for every
+            row (e.g. predicting without that input) instead of an error.
+
+    Returns:
+        Names of the inputs absent from the table (empty unless ``allow_missing_inputs``).
+
+    Raises:
+        TypeError: ``df`` is not a DataFrame or ``schema`` not a TableSchema.
+        SchemaError: the table does not match.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if not isinstance(schema, TableSchema):
+        raise TypeError(f"schema must be a TableSchema, got {type(schema).__name__}")
+    arrays = dict(arrays or {})
+    problems: list[str] = []
+    available = list(df.columns)
+    if len(df) == 0:
+        problems.append("the table has no rows")
+    unknown_arrays = sorted(set(arrays) - set(schema.names))
+    if unknown_arrays:
+        problems.append(f"arrays given for unknown input(s) {unknown_arrays}; inputs: {schema.names}")
+    if require_target:
+        if schema.target not in df.columns:
+            problems.append(_unknown_column(schema.target, available, "target column is missing:"))
+        else:
+            y = df[schema.target]
+            if y.isna().any():
+                problems.append(f"target {schema.target!r} has missing values in {_rows(y.isna().to_numpy())}; drop those rows first")
+            if schema.task == "regression" and not pd.api.types.is_numeric_dtype(y.dtype):
+                problems.append(f"target {schema.target!r} has dtype {y.dtype}; regression needs a numeric target")
+    absent: set[str] = set()
+    for spec in schema.inputs:
+        if schema.target in spec.columns:
+            problems.append(f"input {spec.name!r} uses the target column {schema.target!r} as a feature")
+        missing = [c for c in spec.columns if c not in df.columns]
+        if missing and allow_missing_inputs and len(missing) == len(spec.columns) and spec.name not in arrays:
+            absent.add(spec.name)
+            continue
+        if missing:
+            problems += [f"input {spec.name!r}: " + _unknown_column(c, available) for c in missing]
+            continue
+        _check_input(df, spec, arrays.get(spec.name), problems)
+    if problems:
+        raise SchemaError("the table does not match the schema:\n  - " + "\n  - ".join(problems))
+    return absent
+
+
+def load_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a ``.csv`` (also ``.csv.gz``, ``.tsv``) or ``.parquet`` (also ``.pq``, ``.parquet.<codec>``) table.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unsupported suffix.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"table file not found: {p} (working directory {Path.cwd()})")
+    name = p.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz")):
+        return pd.read_csv(p)
+    if name.endswith((".tsv", ".tsv.gz")):
+        return pd.read_csv(p, sep="\t")
+    if name.endswith((".parquet", ".pq")) or ".parquet." in name:
+        return pd.read_parquet(p)
+    raise ValueError(f"unsupported table format {p.name!r}: use .csv, .tsv or .parquet (optionally compressed)")
