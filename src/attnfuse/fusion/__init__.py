@@ -5,27 +5,54 @@ is absent or fully masked behaves exactly as if it were not passed. See ``docs/f
 """
 
 from attnfuse.fusion._registry import FUSIONS, SYMMETRIES, get_fusion, list_fusions, register_fusion
+from attnfuse.fusion.axis import AxisAttention, LayerAttention
+from attnfuse.fusion.coattention import CoAttention
+from attnfuse.fusion.conditional import ConditionalCrossAttention
 from attnfuse.fusion.cross import CrossAttentionFusion
+from attnfuse.fusion.evidential import EvidentialFusion
 from attnfuse.fusion.export import TensorFusion
+from attnfuse.fusion.gated import GatedFusion
+from attnfuse.fusion.inject import Inject
 from attnfuse.fusion.latent import LatentBottleneck
+from attnfuse.fusion.mutual import MutualAttention, feature_map, feature_map_tokens
+from attnfuse.fusion.parameter_free import ParameterFreeCrossAttention, multiscale_bank
+from attnfuse.fusion.router import BudgetRouter, RouteDecision, run_where
 from attnfuse.fusion.sources import FusionOutput, PreparedSource, SourceEmbedding
 from attnfuse.fusion.stacks import EarlyFusion, HierarchicalFusion, LateFusion
+from attnfuse.ops.evidential import dempster_combine, opinion_from_evidence
 from attnfuse.tokens import TokenSet
 
 __all__ = [
     "FUSIONS",
     "SYMMETRIES",
+    "AxisAttention",
+    "BudgetRouter",
+    "CoAttention",
+    "ConditionalCrossAttention",
     "CrossAttentionFusion",
     "EarlyFusion",
+    "EvidentialFusion",
     "FusionOutput",
+    "GatedFusion",
     "HierarchicalFusion",
+    "Inject",
     "LateFusion",
     "LatentBottleneck",
+    "LayerAttention",
+    "MutualAttention",
+    "ParameterFreeCrossAttention",
     "PreparedSource",
+    "RouteDecision",
     "SourceEmbedding",
     "TensorFusion",
     "TokenSet",
+    "dempster_combine",
+    "feature_map",
+    "feature_map_tokens",
     "get_fusion",
     "list_fusions",
+    "multiscale_bank",
+    "opinion_from_evidence",
     "register_fusion",
+    "run_where",
 ]

@@ -1,0 +1,187 @@
+"""Parameter-free cross-attention (ADEM-VL): SiLU-kernel scores, no softmax, weakest visual tokens dropped.
+
+Paper: Hao et al., "ADEM-VL: Adaptive and Embedded Fusion for Efficient Vision-Language Tuning"
+(https://arxiv.org/abs/2410.17779). Status: exact as the released code (``adem/adapter.py``,
+``Adapter.forward`` with ``vis_weight``) computes ``Fuse``, plus key / query masks; the learnable
+offsets E1 / E2 are owned by the caller (this module has zero parameters) and passed per call.
+Place it in a frozen language model with :class:`attnfuse.fusion.Inject` (query at the MLP input,
+output added at the MLP output, ``scale = alpha = 0.1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnfuse.fusion._registry import register_fusion
+from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.ops import get_operator
+from attnfuse.tokens import TokenSet
+
+__all__ = ["ParameterFreeCrossAttention", "multiscale_bank"]
+
+
+def multiscale_bank(tokens: TokenSet, sizes: Sequence[tuple[int, int]] | None = None) -> TokenSet:
+    """ADEM-VL's multiscale visual bank: average-pool a token grid to several sizes and concatenate.
+
+    Pooling is masked: a pooled token is the mean of the valid tokens in its window, and is valid if
+    the window holds any (adaptive average pooling, so window edges follow
+    :func:`torch.nn.functional.adaptive_avg_pool2d`).
+
+    Args:
+        tokens: a grid ``x (B, H, W, D)`` with two token axes.
+        sizes: output grid sizes, in order (default ``[(H, W), (H // 2, W // 2)]``: ADEM-VL's
+            16×16 + 8×8 bank from a 16×16 grid).
+
+    Returns:
+        TokenSet ``(B, sum_i h_i w_i, D)`` with axes ``("token",)``, scales concatenated in order.
+
+    Raises:
+        ValueError: a TokenSet without exactly two token axes, or an empty / non-positive size.
+
+    Example:
+        >>> bank = multiscale_bank(TokenSet(torch.randn(2, 16, 16, 8), axes=("h", "w")))
+        >>> bank.x.shape
+        torch.Size([2, 320, 8])
+    """
+    if tokens.x.dim() != 4:
+        raise ValueError(f"multiscale_bank needs a token grid (B, H, W, D), got x.shape={tuple(tokens.x.shape)}")
+    h, w = tokens.x.shape[1:3]
+    sizes = [(h, w), (max(1, h // 2), max(1, w // 2))] if sizes is None else [tuple(s) for s in sizes]
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise ValueError(f"sizes must be a non-empty list of (h, w) with positive entries, got {sizes}")
+    m = tokens.valid().unsqueeze(1).to(tokens.x.dtype)  # (B, 1, H, W)
+    x = tokens.x.permute(0, 3, 1, 2) * m  # (B, D, H, W), invalid tokens zeroed
+    xs, masks = [], []
+    for size in sizes:
+        num = F.adaptive_avg_pool2d(x, size)  # (B, D, h, w): window mean of x * m
+        den = F.adaptive_avg_pool2d(m, size)  # (B, 1, h, w): fraction of valid tokens
+        ok = den > 0
+        pooled = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+        xs.append(pooled.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        masks.append(ok.flatten(1))  # (B, h*w)
+    return TokenSet(torch.cat(xs, dim=1), torch.cat(masks, dim=1))
+
+
+@register_fusion("parameter_free")
+class ParameterFreeCrossAttention(nn.Module):
+    """``Fuse(x) = (A * M)(X_v + E2)`` with ``A = SiLU(x) SiLU(X_v + E1)^T``; zero parameters.
+
+    The query tokens ``x`` (e.g. the language model's hidden states at the MLP input) are used as
+    they are (no projections); ``X_v`` are the context (visual) tokens; ``E1`` / ``E2`` are optional
+    offsets added to the keys / values (``key_offset`` / ``value_offset``, owned and trained by the
+    caller; they are position-specific and break the invariance to the order of visual tokens).
+    ``M`` drops the lowest ``floor(drop_ratio * n)`` of each query's ``n`` valid scores
+    (:func:`attnfuse.ops.silu_kernel_attention`). With ``heads > 1`` the channels are split into
+    groups, each with its own scores (ADEM-VL: one head). The output is the update alone, no residual.
+
+    An absent or fully masked context gives ``Fuse = 0``; invalid query tokens give 0.
+
+    Args:
+        query: name of the query source (e.g. ``"text"``).
+        context: name of the context source (e.g. ``"visual"``, a :func:`multiscale_bank`).
+        drop_ratio: ``gamma`` in ``[0, 1)`` (ADEM-VL: 0.1).
+        heads: channel groups (must divide ``D``).
+        op: attention operator: ``"silu_kernel"`` (the method) or e.g. ``"dense"`` (the softmax
+            ablation; ``drop_ratio`` must then be 0).
+        op_options: further operator options (e.g. ``{"backend": "reference"}``).
+
+    Raises:
+        ValueError: equal names, ``drop_ratio`` with an operator that does not take it; at call
+            time, a missing query source, channels not divisible by ``heads``, offsets that do not
+            broadcast.
+
+    Shapes:
+        inputs ``{query: (B, *axes_q, D), context: (B, *axes_c, D)}`` (flattened to ``L`` and
+        ``S`` tokens); ``key_offset`` / ``value_offset`` broadcastable to ``(B, S, D)`` ->
+        ``fused (B, L, D)``; weights ``"cross" (B, H, L, S)``.
+
+    Example:
+        >>> fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1)
+        >>> out = fuse({"text": TokenSet(torch.randn(2, 5, 32)), "visual": TokenSet(torch.randn(2, 20, 32))})
+        >>> out.fused.x.shape, sum(p.numel() for p in fuse.parameters())
+        (torch.Size([2, 5, 32]), 0)
+    """
+
+    symmetry: ClassVar[str] = "equivariant"
+    has_parameters: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        query: str,
+        context: str,
+        *,
+        drop_ratio: float = 0.1,
+        heads: int = 1,
+        op: str = "silu_kernel",
+        op_options: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        if query == context:
+            raise ValueError(f"query and context must be different sources, both are {query!r}")
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        self.spec = get_operator(op)
+        options = dict(op_options or {})
+        if drop_ratio:
+            if "drop_ratio" not in self.spec.options:
+                raise ValueError(f"operator {op!r} takes no drop_ratio; use op='silu_kernel' or drop_ratio=0")
+            options["drop_ratio"] = drop_ratio
+        self.spec.check_options(options)
+        self.options = options
+        self.query, self.context, self.heads = query, context, heads
+        self._sources = tuple(sorted((query, context)))
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self._sources
+
+    def forward(
+        self,
+        inputs: Mapping[str, TokenSet],
+        *,
+        key_offset: Tensor | None = None,
+        value_offset: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> FusionOutput:
+        """``Fuse`` of the query tokens over the context; see the class docstring."""
+        if self.query not in inputs:
+            raise ValueError(f"the query source {self.query!r} is required (its tokens are the output positions)")
+        q_ts = inputs[self.query]
+        dim = q_ts.dim
+        # validation and zeroing of invalid tokens; built per call because D is only known here (no parameters)
+        prepared = {s.name: s for s in SourceEmbedding(self._sources, dim, type_embedding=None)(inputs)}
+        q = prepared[self.query]
+        b, lq, _ = q.x.shape
+        if dim % self.heads:
+            raise ValueError(f"the token width D={dim} must be divisible by heads={self.heads}")
+        h = self.heads
+
+        def split(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (h, dim // h)).transpose(1, 2)  # (B, N, D) -> (B, H, N, D/H)
+
+        if self.context in prepared:
+            c = prepared[self.context]
+            keys, values = c.x, c.x
+            for name, off in (("key_offset", key_offset), ("value_offset", value_offset)):
+                if off is not None:
+                    try:
+                        torch.broadcast_shapes(off.shape, c.x.shape)
+                    except RuntimeError:
+                        raise ValueError(f"{name} must broadcast to {tuple(c.x.shape)} (B, S, D), got {tuple(off.shape)}") from None
+            keys = keys if key_offset is None else keys + key_offset
+            values = values if value_offset is None else values + value_offset
+            mask = c.mask[:, None, None, :]  # (B, 1, 1, S)
+        else:  # no context: one fully masked key gives exactly zero
+            keys = values = q.x.new_zeros(b, 1, dim)
+            mask = torch.zeros(b, 1, 1, 1, dtype=torch.bool, device=q.x.device)
+        res = self.spec.fn(split(q.x), split(keys), split(values), mask=mask, return_weights=return_weights, **self.options)
+        out, w = res if return_weights else (res, None)
+        out = out.transpose(1, 2).reshape(b, lq, dim)  # (B, L, D)
+        out = torch.where(q.mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        fused = TokenSet(out, q.mask)
+        return FusionOutput(fused, {self.query: fused}, {"cross": w} if w is not None else {}, {self.query: (0, lq)})
