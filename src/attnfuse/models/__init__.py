@@ -1,3 +1,5 @@
-"""attnfuse.models (filled by later issues)."""
+"""Models assembled from ops / nn / fusion / encoders / heads."""
 
-__all__: list[str] = []
+from attnfuse.models.fusion_model import ConcatMLP, FusionModel, build_fusion_model
+
+__all__ = ["ConcatMLP", "FusionModel", "build_fusion_model"]

@@ -1,0 +1,174 @@
+"""Lightning data module over a catalog data set or a user table, with seeded splits saved with the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from attnfuse.data import EncodedTable, TableDataset, TablePreprocessor, TableSchema, collate_fn, load_table, make_split, save_split
+from attnfuse.train.sources import Source, load_source, text_arrays
+
+__all__ = ["FusionDataModule", "drop_inputs"]
+
+
+def drop_inputs(encoded: EncodedTable, names: list[str] | tuple[str, ...]) -> EncodedTable:
+    """A copy of ``encoded`` where the inputs ``names`` are missing (absent) for every row.
+
+    Raises:
+        KeyError: a name that is not an input (listing the inputs).
+    """
+    unknown = [n for n in names if n not in encoded.present]
+    if unknown:
+        raise KeyError(f"cannot drop unknown input(s) {unknown}; inputs are {sorted(encoded.present)}")
+    present = {k: (np.zeros_like(v) if k in names else v) for k, v in encoded.present.items()}
+    return dataclasses.replace(encoded, present=present)
+
+
+class FusionDataModule(pl.LightningDataModule):
+    """Multi-input table data for :class:`attnfuse.train.FusionTask`.
+
+    Args:
+        dataset: ``"mfeat"`` (UCI Multiple Features, 6 views), ``"womens_clothing"`` (reviews: text +
+            tabular), ``"table"`` (your CSV/Parquet file, described by ``table``) or
+            ``"synthetic_views"`` (labelled synthetic, for tests and examples).
+        table: options of the source: for ``"table"`` ``{"path": ..., "schema": {"target", "task",
+            "inputs"}}``; for ``"womens_clothing"`` ``{"target", "rows", "text"}`` (see docs/data.md).
+        inputs: restrict to these inputs (views / column groups); default all.
+        batch_size: batch size of every loader.
+        seed: split seed (stratified for classification).
+        val_fraction, test_fraction: split sizes.
+        standardize: per-feature standardisation fitted on the train rows.
+        missing: inputs marked missing in the test / predict data, e.g. ``["fou"]``.
+        predict_path: a new CSV/Parquet table to predict (same columns; the target and whole inputs
+            may be absent); default the test split.
+        run_dir: where to save ``split.json`` and ``preprocessor.json`` for the run.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mfeat",
+        *,
+        table: dict[str, Any] | None = None,
+        inputs: list[str] | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        standardize: bool = True,
+        missing: list[str] | None = None,
+        predict_path: str | None = None,
+        run_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source: Source | None = None
+        self.encoded: EncodedTable | None = None
+        self.preprocessor: TablePreprocessor | None = None
+        self.split = None
+
+    def _load(self) -> None:
+        if self.encoded is not None:
+            return
+        hp = self.hparams
+        source = load_source(hp.dataset, hp.table)
+        schema = source.schema
+        if hp.inputs:
+            names = {s.name for s in schema.inputs}
+            unknown = sorted(set(hp.inputs) - names)
+            if unknown:
+                raise ValueError(f"data.inputs names unknown input(s) {unknown}; {hp.dataset} has {sorted(names)}")
+            schema = TableSchema(inputs=tuple(s for s in schema.inputs if s.name in hp.inputs), target=schema.target,
+                                 task=schema.task)
+            source = Source(source.frame, schema, source.arrays)
+        frame = source.frame
+        if schema.target not in frame.columns:
+            raise ValueError(f"target column {schema.target!r} is not in the table; columns: {list(frame.columns)}")
+        labels = frame[schema.target].to_numpy() if schema.task == "classification" else None
+        self.split = make_split(len(frame), val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+                                stratify=labels)
+        self.preprocessor = TablePreprocessor.fit(frame, schema, arrays=source.arrays, rows=self.split["train"],
+                                                  standardize=hp.standardize)
+        self.encoded = self.preprocessor.transform(frame, arrays=source.arrays)
+        self.source = source
+        if hp.run_dir:
+            out = Path(hp.run_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_split(self.split, out / "split.json")
+            self.preprocessor.save(out / "preprocessor.json")
+
+    # properties linked into the model by the CLI
+    @property
+    def encoder_configs(self) -> dict[str, dict[str, Any]]:
+        self._load()
+        return self.preprocessor.encoder_configs()
+
+    @property
+    def num_outputs(self) -> int:
+        self._load()
+        return self.preprocessor.num_classes if self.task == "classification" else 1
+
+    @property
+    def task(self) -> str:
+        self._load()
+        return self.preprocessor.schema.task
+
+    @property
+    def input_names(self) -> list[str]:
+        self._load()
+        return [s.name for s in self.preprocessor.schema.inputs]
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def dataset(self, part: str, *, missing: list[str] | tuple[str, ...] | None = None) -> TableDataset:
+        """The ``"train"``, ``"val"`` or ``"test"`` rows, optionally with inputs marked missing."""
+        self._load()
+        if part not in ("train", "val", "test"):
+            raise ValueError(f"part must be 'train', 'val' or 'test', got {part!r}")
+        drop = missing if missing is not None else (self.hparams.missing if part == "test" else None)
+        encoded = drop_inputs(self.encoded, list(drop)) if drop else self.encoded
+        return TableDataset(encoded, self.split[part])
+
+    def predict_dataset(self) -> TableDataset:
+        """Rows of ``predict_path`` (or the test split), preprocessed as the training rows were."""
+        self._load()
+        path = self.hparams.predict_path
+        if not path:
+            return self.dataset("test")
+        frame = load_table(path)
+        arrays = text_arrays(frame, self.preprocessor.schema)
+        encoded = self.preprocessor.transform(frame, arrays=arrays, require_target=False, allow_missing_inputs=True)
+        if self.hparams.missing:
+            encoded = drop_inputs(encoded, list(self.hparams.missing))
+        return TableDataset(encoded)
+
+    def loader(self, ds: TableDataset, *, shuffle: bool = False) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=collate_fn,
+                          num_workers=self.hparams.num_workers, generator=gen)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.dataset("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader(self.predict_dataset())
+
+    def describe(self) -> str:
+        self._load()
+        sizes = {k: len(v) for k, v in self.split.items()}
+        return json.dumps({"dataset": self.hparams.dataset, "inputs": self.input_names, "split": sizes})

@@ -1,0 +1,135 @@
+"""Lightning task: a multi-input model, its loss, optimiser and torchmetrics metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from attnfuse.models.fusion_model import build_fusion_model
+
+__all__ = ["FusionTask", "make_metrics"]
+
+
+def make_metrics(task: str, num_outputs: int) -> torchmetrics.MetricCollection:
+    """Accuracy, macro-F1 and AUROC for classification; MAE, RMSE and R² for regression."""
+    if task == "classification":
+        kind = "binary" if num_outputs == 2 else "multiclass"
+        if kind == "binary":
+            return torchmetrics.MetricCollection({
+                "acc": torchmetrics.Accuracy(task="binary"),
+                "f1": torchmetrics.F1Score(task="binary"),
+                "auroc": torchmetrics.AUROC(task="binary"),
+            })
+        return torchmetrics.MetricCollection({
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_outputs),
+            "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_outputs, average="macro"),
+            "auroc": torchmetrics.AUROC(task="multiclass", num_classes=num_outputs),
+        })
+    if task == "regression":
+        return torchmetrics.MetricCollection({
+            "mae": torchmetrics.MeanAbsoluteError(),
+            "rmse": torchmetrics.MeanSquaredError(squared=False),
+            "r2": torchmetrics.R2Score(),
+        })
+    raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+
+
+class FusionTask(pl.LightningModule):
+    """Train / evaluate a multi-input model built from a config.
+
+    Batches are ``{"inputs": {name: {"x", "mask"}}, "target": (B,)}`` (see
+    :mod:`attnfuse.data.collate`). The model is built by :func:`attnfuse.models.build_fusion_model`
+    from ``encoder_configs``, ``num_outputs`` and ``task`` (all three linked from the data module by
+    the CLI), or injected directly with ``model=``.
+
+    Args:
+        encoder_configs: per-input encoder configuration (set by the data module).
+        num_outputs: classes or regression targets (set by the data module).
+        task: ``"classification"`` or ``"regression"``.
+        fusion: registered fusion name or ``"concat_mlp"``.
+        dim, heads, pooling, dropout, fusion_options, encoder_options: see ``build_fusion_model``.
+        lr, weight_decay: AdamW settings; cosine decay over the trainer's max epochs.
+        model: a ready model (overrides the builder arguments).
+    """
+
+    def __init__(
+        self,
+        encoder_configs: dict[str, dict[str, Any]] | None = None,
+        num_outputs: int = 2,
+        *,
+        task: Literal["classification", "regression"] = "classification",
+        fusion: str = "early",
+        dim: int = 64,
+        heads: int = 4,
+        pooling: Literal["mean", "fusion", "cls", "attention"] = "fusion",
+        dropout: float = 0.1,
+        fusion_options: dict[str, Any] | None = None,
+        encoder_options: dict[str, dict[str, Any]] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        if model is None:
+            if not encoder_configs:
+                raise ValueError("FusionTask needs encoder_configs (linked from the data module) or model=")
+            model = build_fusion_model(encoder_configs, num_outputs, task=task, fusion=fusion, dim=dim, heads=heads,
+                                       pooling=pooling, dropout=dropout, fusion_options=fusion_options,
+                                       encoder_options=encoder_options)
+        self.model, self.task, self.num_outputs = model, task, num_outputs
+        metrics = make_metrics(task, num_outputs)
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    def forward(self, inputs: dict[str, dict[str, Tensor]]) -> Tensor:
+        return self.model(inputs)
+
+    def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.task == "classification":
+            return nn.functional.cross_entropy(pred, target.long())
+        return nn.functional.mse_loss(pred.squeeze(-1) if self.num_outputs == 1 else pred, target.to(pred.dtype))
+
+    def _scores(self, pred: Tensor) -> Tensor:
+        if self.task == "classification":
+            prob = pred.softmax(-1)
+            return prob[:, 1] if self.num_outputs == 2 else prob
+        return pred.squeeze(-1) if self.num_outputs == 1 else pred
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pred = self(batch["inputs"])
+        loss = self._loss(pred, batch["target"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=pred.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict, metrics: torchmetrics.MetricCollection, stage: str) -> None:
+        pred = self(batch["inputs"])
+        target = batch["target"]
+        self.log(f"{stage}_loss", self._loss(pred, target), prog_bar=True, batch_size=pred.shape[0])
+        metrics.update(self._scores(pred), target.long() if self.task == "classification" else target)
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=pred.shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        pred = self(batch["inputs"])
+        out = {"prediction": pred.argmax(-1) if self.task == "classification" else self._scores(pred)}
+        if self.task == "classification":
+            out["probabilities"] = pred.softmax(-1)
+        if "index" in batch:
+            out["index"] = batch["index"]
+        return out
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": sched}
