@@ -47,9 +47,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from attnfuse.data import DatasetUnavailableError, SchemaError
+
+    return (ValueError, KeyError, TypeError, FileNotFoundError, DatasetUnavailableError, SchemaError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``attnfuse`` command; returns the exit status."""
+    """Entry point of the ``attnfuse`` command; returns the exit status.
+
+    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands (``--config``,
+    ``--print_config``, ``--trainer.*``, ``--model.*``, ``--data.*``); the others are listed by
+    ``attnfuse --help``.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from attnfuse.cli.lightning import run_lightning
+
+        try:
+            return run_lightning(argv)
+        except _user_errors() as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"attnfuse {argv[0]}: error: {msg}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="attnfuse", description="Attention operators and attention fusion.")
+    parser.epilog = "Lightning subcommands: " + ", ".join(LIGHTNING_COMMANDS) + " (see `attnfuse fit --help`)."
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered operators and fusion modules").set_defaults(fn=_list)
     p = sub.add_parser("describe", help="signature and documentation of an operator or fusion module")
@@ -62,6 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+    except _user_errors() as err:
         print(f"attnfuse {args.command}: error: {err}", file=sys.stderr)
         return 2

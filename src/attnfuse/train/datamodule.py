@@ -15,7 +15,28 @@ from torch.utils.data import DataLoader
 from attnfuse.data import EncodedTable, TableDataset, TablePreprocessor, TableSchema, collate_fn, load_table, make_split, save_split
 from attnfuse.train.sources import Source, load_source, text_arrays
 
-__all__ = ["FusionDataModule", "drop_inputs"]
+__all__ = ["EpochShuffleSampler", "FusionDataModule", "drop_inputs"]
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation seeded by ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so the order of epoch ``e`` is the same
+    whether training ran straight through or resumed from a checkpoint.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
 
 
 def drop_inputs(encoded: EncodedTable, names: list[str] | tuple[str, ...]) -> EncodedTable:
@@ -100,10 +121,15 @@ class FusionDataModule(pl.LightningDataModule):
         self.encoded = self.preprocessor.transform(frame, arrays=source.arrays)
         self.source = source
         if hp.run_dir:
-            out = Path(hp.run_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            save_split(self.split, out / "split.json")
-            self.preprocessor.save(out / "preprocessor.json")
+            self.save_run(hp.run_dir)
+
+    def save_run(self, run_dir: str | Path) -> None:
+        """Write ``split.json`` and ``preprocessor.json`` (everything needed to redo the inputs) to ``run_dir``."""
+        self._load()
+        out = Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(self.split, out / "split.json")
+        self.preprocessor.save(out / "preprocessor.json")
 
     # properties linked into the model by the CLI
     @property
@@ -152,9 +178,9 @@ class FusionDataModule(pl.LightningDataModule):
         return TableDataset(encoded)
 
     def loader(self, ds: TableDataset, *, shuffle: bool = False) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=collate_fn,
-                          num_workers=self.hparams.num_workers, generator=gen)
+        sampler = EpochShuffleSampler(len(ds), self.hparams.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.dataset("train"), shuffle=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torchmetrics
 from torch import Tensor, nn
@@ -103,7 +105,7 @@ class FusionTask(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         pred = self(batch["inputs"])
         loss = self._loss(pred, batch["target"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=pred.shape[0])
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=pred.shape[0])
         return loss
 
     def _eval_step(self, batch: dict, metrics: torchmetrics.MetricCollection, stage: str) -> None:
@@ -126,7 +128,46 @@ class FusionTask(pl.LightningModule):
             out["probabilities"] = pred.softmax(-1)
         if "index" in batch:
             out["index"] = batch["index"]
+        if getattr(self, "predict_attention", False):
+            out["attention_names"], out["attention"] = self.input_attention(batch["inputs"])
         return out
+
+    @torch.no_grad()
+    def input_attention(self, inputs: dict[str, dict[str, Tensor]]) -> tuple[list[str], Tensor]:
+        """Share of the fusion token's attention going to each input, averaged over layers and heads.
+
+        Returns:
+            ``(names, share (B, n_inputs))``; rows sum to at most 1 (the rest goes to fusion tokens).
+
+        Raises:
+            ValueError: the model has no attention maps with a fusion-token layout (e.g. concat_mlp).
+        """
+        if not hasattr(self.model, "fusion"):
+            raise ValueError(f"fusion={self.hparams.fusion!r} has no attention maps to report")
+        _, out = self.model(inputs, return_weights=True)
+        maps = [w for w in out.weights.values() if w.dim() == 4 and w.shape[-1] == out.fused.x.shape[1] and w.shape[-2] > 0]
+        names = [n for n in out.layout if n != "fusion"]
+        if not maps or not names:
+            raise ValueError(f"fusion={self.hparams.fusion!r} returns no fusion-token attention maps")
+        row = torch.stack([w[:, :, 0] for w in maps]).mean(dim=(0, 2))  # (B, N): fusion token's attention
+        return names, torch.stack([row[:, a:b].sum(-1) for n, (a, b) in out.layout.items() if n != "fusion"], dim=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # random states, so a resumed run continues exactly as an uninterrupted one (dropout, modality dropout)
+        # (plain tensors / ints only, so checkpoints load with torch.load(weights_only=True))
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["attnfuse_rng"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("attnfuse_rng")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            random.setstate(state["python"])
+            keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

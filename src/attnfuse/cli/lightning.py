@@ -1,0 +1,91 @@
+"""``attnfuse fit | validate | test | predict``: LightningCLI over FusionTask and FusionDataModule.
+
+The data module's input description is linked into the model (``encoder_configs``, ``num_outputs``,
+``task``), so a config only says what to fuse and how. The resolved config is saved beside the
+checkpoints, with the split and the fitted preprocessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from attnfuse.train import FusionDataModule, FusionTask
+
+__all__ = ["AttnfuseCLI", "PredictionWriter", "run_lightning"]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write predictions (and optionally per-input attention shares) to CSV or Parquet.
+
+    Columns: ``row`` (position in the predicted table), ``prediction``, ``prob_<class>`` for
+    classification, ``attention_<input>`` with ``attention=True``.
+    """
+
+    def __init__(self, path: str | Path, *, attention: bool = False) -> None:
+        super().__init__(write_interval="epoch")
+        self.path, self.attention = Path(path), attention
+        if self.path.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"--output must end in .csv or .parquet, got {str(self.path)!r}")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = []
+        for out in predictions:
+            frame = pd.DataFrame({"row": out["index"].numpy(), "prediction": out["prediction"].numpy()})
+            if "probabilities" in out:
+                classes = getattr(trainer.datamodule.preprocessor, "classes", None) or range(out["probabilities"].shape[1])
+                for j, c in enumerate(classes):
+                    frame[f"prob_{c}"] = out["probabilities"][:, j].numpy()
+            if "attention" in out:
+                for j, name in enumerate(out["attention_names"]):
+                    frame[f"attention_{name}"] = out["attention"][:, j].numpy()
+            rows.append(frame)
+        table = pd.concat(rows, ignore_index=True).sort_values("row")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix == ".csv":
+            table.to_csv(self.path, index=False)
+        else:
+            table.to_parquet(self.path, index=False)
+        print(f"attnfuse predict: wrote {len(table)} rows to {self.path}")
+
+
+class AttnfuseCLI(LightningCLI):
+    """LightningCLI with the data -> model links and a prediction writer."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.encoder_configs", "model.encoder_configs", apply_on="instantiate")
+        parser.link_arguments("data.num_outputs", "model.num_outputs", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.add_argument("--output", type=str | None, default=None,
+                            help="predict: write predictions to this .csv or .parquet file")
+        parser.add_argument("--attention", type=bool, default=False,
+                            help="predict: add each input's share of the fusion token's attention")
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            self.datamodule.save_run(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def before_predict(self) -> None:
+        cfg = self.config[self.subcommand]
+        self.model.predict_attention = bool(cfg.get("attention"))
+        if cfg.get("output"):
+            self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention"))))
+
+
+def run_lightning(args: list[str]) -> int:
+    """Run a LightningCLI subcommand with ``args`` (``["fit", "--config", ...]``); returns the exit status."""
+    torch.set_float32_matmul_precision("high")
+    AttnfuseCLI(
+        FusionTask,
+        FusionDataModule,
+        args=args,
+        seed_everything_default=0,
+        trainer_defaults={"max_epochs": 20, "deterministic": True, "default_root_dir": "runs/cli"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+    return 0
