@@ -14,3 +14,17 @@ def test_describe_known_and_unknown(capsys):
     assert "Shapes" in capsys.readouterr().out
     assert main(["describe", "nope"]) == 2
     assert "unknown name 'nope'" in capsys.readouterr().err
+
+
+def test_quickstart_runs_and_prints_table(capsys):
+    assert main(["quickstart", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "early fusion" in out and "acc, b missing" in out
+
+
+def test_help_lists_lightning_subcommands(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fit, validate, test, predict" in capsys.readouterr().out

@@ -41,9 +41,17 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from attnfuse.cli.demo import run_demo
+    from attnfuse.train.demo import run_demo
 
-    run_demo(steps=args.steps, seed=args.seed)
+    seeds = tuple(range(args.seeds))
+    run_demo(out_dir=args.out, seeds=seeds, max_epochs=args.epochs, dataset=args.dataset)
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from attnfuse.cli.quickstart import run_quickstart
+
+    run_quickstart(steps=args.steps, seed=args.seed)
     return 0
 
 
@@ -80,10 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("describe", help="signature and documentation of an operator or fusion module")
     p.add_argument("name")
     p.set_defaults(fn=_describe)
-    p = sub.add_parser("demo", help="train and compare fusion methods on a small task")
+    p = sub.add_parser("demo", help="the main job: compare fusion methods on mfeat (real data), report + plots")
+    p.add_argument("--out", default="runs/demo", help="output folder for report.md and plots")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    p.add_argument("--epochs", type=int, default=25, help="epochs per run")
+    p.add_argument("--dataset", default="mfeat", help="mfeat, or synthetic_views (labelled synthetic)")
+    p.set_defaults(fn=_demo)
+    p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=_demo)
+    p.set_defaults(fn=_quickstart)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -155,7 +155,7 @@ class FusionTask(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # random states, so a resumed run continues exactly as an uninterrupted one (dropout, modality dropout)
         # (plain tensors / ints only, so checkpoints load with torch.load(weights_only=True))
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        _kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["attnfuse_rng"] = {
             "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],

@@ -18,7 +18,7 @@ from torch import nn
 from attnfuse.fusion import EarlyFusion, HierarchicalFusion, LateFusion, LatentBottleneck, TokenSet
 from attnfuse.heads import ClassificationHead
 
-__all__ = ["make_task", "run_demo"]
+__all__ = ["make_task", "run_quickstart"]
 
 DIM, SOURCES = 32, ("a", "b", "noise")
 
@@ -60,7 +60,7 @@ def _accuracy(model: nn.Module, inputs: dict[str, TokenSet], y: torch.Tensor) ->
         return (model(inputs).argmax(-1) == y).float().mean().item()
 
 
-def run_demo(*, steps: int = 300, seed: int = 0, batch: int = 128) -> dict[str, dict[str, float]]:
+def run_quickstart(*, steps: int = 300, seed: int = 0, batch: int = 128) -> dict[str, dict[str, float]]:
     """Train the demo models and print a results table; returns ``{method: metrics}``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +75,7 @@ def run_demo(*, steps: int = 300, seed: int = 0, batch: int = 128) -> dict[str, 
         "hierarchical 1+1": (HierarchicalFusion(SOURCES, DIM, per_source_depth=1, cross_depth=1, **common), "fusion"),
         "latent bottleneck": (LatentBottleneck(SOURCES, DIM, num_latents=4, depth=1, **common), "mean"),
     }
-    print("attnfuse demo: fusion on a labelled SYNTHETIC task (label = XOR of two sources; chance = 0.50)")
+    print("attnfuse quickstart: fusion on a labelled SYNTHETIC task (label = XOR of two sources; chance = 0.50)")
     print(f"train 4096 / test 2048 samples, {steps} steps of batch {batch}, seed {seed}\n")
     results: dict[str, dict[str, float]] = {}
     header = f"{'method':<20} {'params':>8} {'test acc':>9} {'acc, b missing':>15} {'train s':>8}"
