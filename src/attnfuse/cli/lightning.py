@@ -76,8 +76,8 @@ class AttnfuseCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention"))))
 
 
-def run_lightning(args: list[str]) -> int:
-    """Run a LightningCLI subcommand with ``args`` (``["fit", "--config", ...]``); returns the exit status."""
+def run_lightning(args: list[str] | None) -> int:
+    """Run a LightningCLI subcommand with ``args`` (``["fit", "--config", ...]``; None = ``sys.argv[1:]``)."""
     torch.set_float32_matmul_precision("high")
     AttnfuseCLI(
         FusionTask,

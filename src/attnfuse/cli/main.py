@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     ``--print_config``, ``--trainer.*``, ``--model.*``, ``--data.*``); the others are listed by
     ``attnfuse --help``.
     """
+    from_sys = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from attnfuse.cli.lightning import run_lightning
 
         try:
-            return run_lightning(argv)
+            return run_lightning(None if from_sys else argv)
         except _user_errors() as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err
             print(f"attnfuse {argv[0]}: error: {msg}", file=sys.stderr)
