@@ -6,7 +6,7 @@ from attnfuse.cli import main
 def test_list_shows_operators_and_fusions(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "dense" in out and "sdpa" in out and "early" in out and "latent" in out
+    assert "dense" in out and "sdpa" in out and "early" in out and "latent" in out and "mfeat" in out
 
 
 def test_describe_known_and_unknown(capsys):

@@ -70,3 +70,23 @@ def test_demo_pipeline_writes_report_and_plots(tmp_path):
     assert set(result["numbers"]) >= {"concat-MLP (late baseline)", "early attention fusion"}
     assert result["heatmap"].shape == (2, 3)
     assert ((result["heatmap"].sum(1) > 0.5) & (result["heatmap"].sum(1) <= 1 + 1e-6)).all(), "views share most of the attention"
+
+
+def test_seeds_cli_prints_mean_std_and_sweep(tmp_path, capsys):
+    import yaml
+
+    from attnfuse.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"dataset": "synthetic_views"},
+                                   "model": {"fusion": "latent", "dim": 16, "heads": 2, "pooling": "mean",
+                                             "fusion_options": {"num_latents": 2}},
+                                   "trainer": {"max_epochs": 1}}))
+    assert main(["seeds", "--config", str(cfg), "--seeds", "2", "--max-missing", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mean ± std over 2 seeds" in out and "| view0 |" in out
+    assert (tmp_path / "seeds.md").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"datset": "mfeat"}}))
+    assert main(["seeds", "--config", str(bad)]) == 2
+    assert "datset" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -65,6 +66,15 @@ class AttnfuseCLI(LightningCLI):
         parser.add_argument("--attention", type=bool, default=False,
                             help="predict: add each input's share of the fusion token's attention")
 
+    def before_instantiate_classes(self) -> None:
+        # a rich progress bar by default (unless the user disabled the bar or chose one)
+        trainer = self.config[self.subcommand].trainer
+        callbacks = list(trainer.callbacks or [])
+        has_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        if trainer.enable_progress_bar is not False and not has_bar and _rich_available():
+            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace()))
+            trainer.callbacks = callbacks
+
     def before_fit(self) -> None:
         if self.trainer.is_global_zero:
             self.datamodule.save_run(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -74,6 +84,14 @@ class AttnfuseCLI(LightningCLI):
         self.model.predict_attention = bool(cfg.get("attention"))
         if cfg.get("output"):
             self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention"))))
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_lightning(args: list[str] | None) -> int:

@@ -10,6 +10,7 @@ __all__ = ["main"]
 
 
 def _list(_: argparse.Namespace) -> int:
+    from attnfuse.data import get_dataset, list_datasets
     from attnfuse.fusion import FUSIONS
     from attnfuse.ops import OPERATORS
     from attnfuse.ops.backends import list_backends
@@ -20,19 +21,27 @@ def _list(_: argparse.Namespace) -> int:
     print("fusions:")
     for name, cls in sorted(FUSIONS.items()):
         print(f"  {name:<14} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
+    print("datasets (offline catalog; `attnfuse describe NAME`):")
+    for name in list_datasets():
+        entry = get_dataset(name)
+        print(f"  {name:<14} {entry.description.split(chr(10))[0][:70]} (from {entry.package})")
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
+    from attnfuse.data import describe_dataset, list_datasets
     from attnfuse.fusion import FUSIONS
     from attnfuse.ops import OPERATORS
 
+    if args.name in list_datasets():
+        print(describe_dataset(args.name))
+        return 0
     if args.name in OPERATORS:
         obj = OPERATORS[args.name].fn
     elif args.name in FUSIONS:
         obj = FUSIONS[args.name]
     else:
-        known = sorted(OPERATORS) + sorted(FUSIONS)
+        known = sorted(OPERATORS) + sorted(FUSIONS) + list_datasets()
         print(f"attnfuse: unknown name {args.name!r}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     print(f"{args.name}: {obj.__module__}.{obj.__qualname__}{inspect.signature(obj)}\n")
@@ -45,6 +54,24 @@ def _demo(args: argparse.Namespace) -> int:
 
     seeds = tuple(range(args.seeds))
     run_demo(out_dir=args.out, seeds=seeds, max_epochs=args.epochs, dataset=args.dataset)
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from attnfuse.train.seeds import run_seeds
+
+    try:
+        config = yaml.safe_load(open(args.config))
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read --config {args.config!r}: {err.strerror}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_seeds(config or {}, list(range(args.seeds)), max_missing=args.max_missing, max_epochs=args.epochs,
+                       out_dir=args.out)
+    print(result["markdown"])
     return 0
 
 
@@ -95,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=25, help="epochs per run")
     p.add_argument("--dataset", default="mfeat", help="mfeat, or synthetic_views (labelled synthetic)")
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("seeds", help="fit + test a config over N seeds (mean ± std) and sweep missing inputs")
+    p.add_argument("--config", required=True, help="a fit config (YAML with data, model, trainer sections)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--max-missing", type=int, default=1, help="sweep every subset of up to this many missing inputs")
+    p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for small models)")
+    p.add_argument("--out", default=None, help="folder for seeds.md")
+    p.set_defaults(fn=_seeds)
     p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
