@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -22,19 +22,22 @@ class TensorFusion(nn.Module):
         fusion: a fusion module.
         sources: source names, in the order of the positional tensors.
         head: optional module applied to the fused :class:`TokenSet`.
+        axes: token-axis names per source for multi-axis inputs (default ``("token",)``).
 
     Example:
         >>> model = TensorFusion(fusion, ["a", "b"], head=head)  # doctest: +SKIP
         >>> torch.export.export(model, (xa, ma, xb, mb))  # doctest: +SKIP
     """
 
-    def __init__(self, fusion: nn.Module, sources: Sequence[str], *, head: nn.Module | None = None) -> None:
+    def __init__(self, fusion: nn.Module, sources: Sequence[str], *, head: nn.Module | None = None,
+                 axes: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__()
         self.fusion, self.head, self.sources = fusion, head, tuple(sources)
+        self.axes = {name: tuple((axes or {}).get(name, ("token",))) for name in self.sources}
 
     def forward(self, *tensors: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if len(tensors) != 2 * len(self.sources):
             raise ValueError(f"expected x and mask for each of {self.sources} ({2 * len(self.sources)} tensors), got {len(tensors)}")
-        inputs = {name: TokenSet(tensors[2 * i], tensors[2 * i + 1]) for i, name in enumerate(self.sources)}
+        inputs = {name: TokenSet(tensors[2 * i], tensors[2 * i + 1], self.axes[name]) for i, name in enumerate(self.sources)}
         fused = self.fusion(inputs).fused
         return self.head(fused) if self.head is not None else (fused.x, fused.valid())
