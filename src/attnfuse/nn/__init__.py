@@ -1,6 +1,11 @@
 """Modules with parameters built on :mod:`attnfuse.ops` operators."""
 
 from attnfuse.nn.attention import Attention
+from attnfuse.nn.factorized import FactorizedEncoder
+from attnfuse.nn.local import HaloAttention, RoutingAttention
+from attnfuse.nn.neighborhood import NeighborhoodAttention
 from attnfuse.nn.transformer import MLP, Encoder, TransformerBlock
 
-__all__ = ["MLP", "Attention", "Encoder", "TransformerBlock"]
+__all__ = [
+    "MLP", "Attention", "Encoder", "FactorizedEncoder", "HaloAttention", "NeighborhoodAttention", "RoutingAttention", "TransformerBlock",
+]

@@ -28,6 +28,8 @@ Conventions shared by all operators:
 
 from attnfuse.ops import backends
 from attnfuse.ops._registry import OPERATORS, OperatorSpec, get_operator, list_operators, register_operator
+from attnfuse.ops.axial import axial_attention
+from attnfuse.ops.combiner import combiner_attention
 from attnfuse.ops.dense import dense_attention
 from attnfuse.ops.evidential import (
     alpha_from_opinion,
@@ -37,8 +39,11 @@ from attnfuse.ops.evidential import (
     opinion_from_alpha,
     opinion_from_evidence,
 )
+from attnfuse.ops.halo import halo_attention
 from attnfuse.ops.merge import merge_attention
+from attnfuse.ops.neighborhood import neighborhood_attention
 from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
+from attnfuse.ops.routing import routing_attention
 from attnfuse.ops.silu_kernel import silu_kernel_attention
 
 __all__ = [
@@ -47,18 +52,23 @@ __all__ = [
     "aggregate",
     "alpha_from_opinion",
     "apply_mask",
+    "axial_attention",
     "backends",
+    "combiner_attention",
     "conflict",
     "dempster_combine",
     "dempster_combine_many",
     "dense_attention",
     "get_operator",
+    "halo_attention",
     "list_operators",
     "masked_softmax",
     "merge_attention",
+    "neighborhood_attention",
     "opinion_from_alpha",
     "opinion_from_evidence",
     "register_operator",
+    "routing_attention",
     "scores",
     "silu_kernel_attention",
 ]

@@ -1,0 +1,140 @@
+"""Grid helpers shared by the blocked local operators (halo, routing): per-axis sizes, padding, blocks, windows.
+
+All helpers act on the grid axes of a tensor laid out ``(..., *grid, *rest)``: ``start`` is the index
+of the first grid axis (2 for heads-first ``(B, H, *grid, D)`` tensors and for masks ``(B, H, *grid)``),
+``rest`` are trailing axes (``D``, or none for masks) that travel along unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnfuse.ops._checks import check_qkv
+
+__all__ = [
+    "axis_coords", "blockify", "ceil_div", "check_grid_mask", "check_grid_qkv", "pad_grid", "per_axis", "unblockify", "windows",
+]
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
+    return -(-a // b)
+
+
+def per_axis(name: str, value: int | Sequence[int], rank: int, *, minimum: int) -> tuple[int, ...]:
+    """An int or a per-axis tuple as a ``rank``-tuple of ints ``>= minimum``.
+
+    Raises:
+        TypeError: not an int / sequence of ints.
+        ValueError: wrong length or a value below ``minimum``.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of {rank} ints, got {value!r}")
+    if isinstance(value, int):
+        values = (value,) * rank
+    elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        values = tuple(value)
+        if len(values) != rank:
+            raise ValueError(f"{name} must have one entry per grid axis ({rank}), got {name}={value!r}")
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of {rank} ints, got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {name}={value!r}")
+    return values
+
+
+def pad_grid(t: Tensor, pads: Sequence[tuple[int, int]], *, start: int = 2, value: float | bool = 0) -> Tensor:
+    """Pad the grid axes ``start .. start+len(pads)`` by ``(before, after)`` each, with ``value``."""
+    if all(p == (0, 0) for p in pads):
+        return t
+    n_rest = t.dim() - start - len(pads)
+    flat: list[int] = [0, 0] * n_rest  # F.pad lists pairs from the last axis backwards
+    for before, after in reversed(pads):
+        flat += [before, after]
+    return F.pad(t, flat, value=value)
+
+
+def blockify(t: Tensor, block: Sequence[int], *, start: int = 2) -> Tensor:
+    """Split a grid whose extents are multiples of ``block`` into blocks.
+
+    ``(..., n1*b1, ..., nk*bk, *rest) -> (..., n1*...*nk, b1*...*bk, *rest)``; blocks and the
+    positions inside a block are both flattened row-major.
+    """
+    k = len(block)
+    lead, grid, rest = t.shape[:start], t.shape[start:start + k], t.shape[start + k:]
+    counts = [g // b for g, b in zip(grid, block)]
+    split = [s for n, b in zip(counts, block) for s in (n, b)]
+    t = t.reshape(*lead, *split, *rest)  # (..., n1, b1, ..., nk, bk, *rest)
+    order = (list(range(start)) + [start + 2 * i for i in range(k)] + [start + 2 * i + 1 for i in range(k)]
+             + list(range(start + 2 * k, t.dim())))
+    t = t.permute(order)  # (..., n1, ..., nk, b1, ..., bk, *rest)
+    return t.reshape(*lead, math.prod(counts), math.prod(block), *rest)  # (..., NB, BS, *rest)
+
+
+def unblockify(t: Tensor, counts: Sequence[int], block: Sequence[int], *, start: int = 2) -> Tensor:
+    """Inverse of :func:`blockify`: ``(..., NB, BS, *rest) -> (..., n1*b1, ..., nk*bk, *rest)``."""
+    k = len(block)
+    lead, rest = t.shape[:start], t.shape[start + 2:]
+    t = t.reshape(*lead, *counts, *block, *rest)  # (..., n1, ..., nk, b1, ..., bk, *rest)
+    order = list(range(start)) + [i for a in range(k) for i in (start + a, start + k + a)] + list(range(start + 2 * k, t.dim()))
+    t = t.permute(order)  # (..., n1, b1, ..., nk, bk, *rest)
+    return t.reshape(*lead, *(n * b for n, b in zip(counts, block)), *rest)
+
+
+def windows(t: Tensor, window: Sequence[int], step: Sequence[int], *, start: int = 2) -> Tensor:
+    """Overlapping windows of a padded grid: window ``w`` every ``step`` positions on each axis.
+
+    ``(..., G1, ..., Gk, *rest) -> (..., n1*...*nk, w1*...*wk, *rest)`` with ``n = (G - w) // step + 1``;
+    windows and the positions inside a window are flattened row-major. The result is a copy
+    (windows overlap); its backward sums the overlapping gradients.
+    """
+    k = len(window)
+    n_rest = t.dim() - start - k
+    for axis, (w, s) in enumerate(zip(window, step)):
+        t = t.unfold(start + axis, w, s)  # the window axis is appended at the end
+    # now (..., n1, ..., nk, *rest, w1, ..., wk)
+    order = (list(range(start + k)) + list(range(start + k + n_rest, start + 2 * k + n_rest))
+             + list(range(start + k, start + k + n_rest)))
+    t = t.permute(order)  # (..., n1, ..., nk, w1, ..., wk, *rest)
+    lead, counts, wins, rest = t.shape[:start], t.shape[start:start + k], t.shape[start + k:start + 2 * k], t.shape[start + 2 * k:]
+    return t.reshape(*lead, math.prod(counts), math.prod(wins), *rest)  # (..., NB, W, *rest)
+
+
+def axis_coords(grid: Sequence[int], device: torch.device | None = None) -> Tensor:
+    """Integer coordinates ``(N, k)`` of every position of a ``k``-D grid, row-major (N = prod(grid))."""
+    axes = [torch.arange(g, device=device) for g in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))  # (N, k)
+
+
+def check_grid_qkv(q: Tensor, k: Tensor, v: Tensor, *, ranks: tuple[int, ...] = (4, 5, 6)) -> tuple[int, ...]:
+    """Validate grid inputs ``(B, H, *grid, D)`` for a self-attention grid operator; return the grid.
+
+    Raises:
+        TypeError / ValueError: as :func:`attnfuse.ops._checks.check_qkv`, a rank outside ``ranks``,
+            or ``k`` on another grid than ``q``.
+    """
+    if not isinstance(q, Tensor) or q.dim() not in ranks:
+        got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+        dims = ", ".join(f"{r - 3}-D" for r in ranks)
+        raise ValueError(f"q must be a grid (B, H, *grid, D) with a {dims} grid (rank {ranks}), got q.shape={got}")
+    check_qkv(q, k, v, rank=q.dim())
+    if q.shape[2:-1] != k.shape[2:-1]:
+        raise ValueError(f"q and k must be on the same grid (self-attention), got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    return tuple(q.shape[2:-1])
+
+
+def check_grid_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
+    """Check a bool key mask of shape ``(B or 1, H or 1, *grid)`` for ``target = (B, H, *grid)``."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = key takes part), got {got}")
+    if mask.dim() != len(target) or any(m not in (1, t) for m, t in zip(mask.shape, target)) or any(
+            m != t for m, t in zip(mask.shape[2:], target[2:])):
+        raise ValueError(f"mask must be a key mask of shape (B or 1, H or 1, *grid) = {target}, got mask.shape={tuple(mask.shape)}")

@@ -1,0 +1,236 @@
+"""Halo (blocked local) attention: query blocks attend to their block extended by a halo.
+
+Paper: Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens, "Scaling Local Self-Attention for
+Parameter Efficient Visual Backbones" (HaloNet, https://arxiv.org/abs/2103.12731).
+Status: exact for any grid size (pad + mask); backends ``"blocked"`` (unfolded windows, one batched
+SDPA call, autograd backward) and ``"reference"`` (dense attention under the explicit key-set mask).
+Deviation: positions outside the grid are *never* attended (masked). ``timm``'s ``HaloAttn`` pads the
+keys with zeros and lets queries attend to them (score 0, value 0) and requires divisible grids.
+
+Semantics, per grid axis of extent ``G`` with block ``b`` and halo ``h``: the query at coordinate
+``x`` lies in block ``n = x // b``; it attends to every key ``y`` with
+``n*b - h <= y < (n+1)*b + h`` and ``0 <= y < G`` (on every axis), and that is allowed by ``mask``.
+The last block may be partial (``G % b != 0``): its missing queries are simply not computed.
+
+Tiny materialised example, 1-D grid ``G = 5``, ``block_size = 2``, ``halo_size = 1``
+(row = query, column = key, 1 = attended)::
+
+    q0  1 1 1 0 0      block 0 = {0, 1}, window [-1, 3) -> keys 0..2
+    q1  1 1 1 0 0
+    q2  0 1 1 1 1      block 1 = {2, 3}, window [1, 5)  -> keys 1..4
+    q3  0 1 1 1 1
+    q4  0 0 0 1 1      block 2 = {4} (partial), window [3, 7) -> keys 3, 4
+
+Equivalent dense formulation (what backend ``"reference"`` runs)::
+
+    allowed[i, j] = all_axes(start_i - h <= c_j < start_i + b + h) & mask[j]   # start_i = (c_i // b) * b
+    out = softmax(scale * q @ k^T + bias_dense, over allowed) @ v              # zero rows where nothing allowed
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnfuse.ops._blocks import (
+    axis_coords,
+    blockify,
+    ceil_div,
+    check_grid_mask,
+    check_grid_qkv,
+    pad_grid,
+    per_axis,
+    unblockify,
+    windows,
+)
+from attnfuse.ops._registry import register_operator
+from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops.dense import dense_attention
+from attnfuse.ops.reference import reference_attention
+
+__all__ = ["halo_attention", "halo_key_sets", "halo_query_blocks", "halo_relative_index", "halo_windows"]
+
+
+def halo_windows(grid: Sequence[int], block: Sequence[int], halo: Sequence[int]) -> tuple[tuple[int, ...], int, int]:
+    """Block counts per axis, positions per block ``Bq`` and keys per window ``W`` of a halo layout."""
+    counts = tuple(ceil_div(g, b) for g, b in zip(grid, block))
+    return counts, math.prod(block), math.prod(b + 2 * h for b, h in zip(block, halo))
+
+
+def halo_key_sets(grid: Sequence[int], block: Sequence[int], halo: Sequence[int],
+                  device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """The explicit key set of every query and the bias index of every allowed pair.
+
+    Args:
+        grid: grid extents ``(G1, ..., Gk)``.
+        block, halo: per-axis block and halo sizes.
+
+    Returns:
+        ``allowed (N, N)`` bool (query, key) over the row-major flattened grid, and
+        ``index (3, N, N)`` long: for each pair the (block, position in block, position in window)
+        coordinates used to read a ``(..., NB, Bq, W)`` bias (meaningful where ``allowed``).
+    """
+    block_t = torch.tensor(block, device=device)
+    halo_t = torch.tensor(halo, device=device)
+    counts, _, _ = halo_windows(grid, block, halo)
+    c = axis_coords(grid, device)  # (N, k)
+    lo = (c // block_t) * block_t - halo_t  # (N, k) first key coordinate of each query's window
+    offset = c.unsqueeze(0) - lo.unsqueeze(1)  # (N, N, k) key position inside the query's window
+    width = block_t + 2 * halo_t  # (k,)
+    allowed = ((offset >= 0) & (offset < width)).all(dim=-1)  # (N, N)
+    offset = offset.clamp(min=0).minimum(width - 1)
+    win = torch.zeros(offset.shape[:2], dtype=torch.long, device=device)
+    blk = torch.zeros(c.shape[0], dtype=torch.long, device=device)
+    pos = torch.zeros(c.shape[0], dtype=torch.long, device=device)
+    for a in range(len(grid)):  # row-major flattening of window / block / in-block coordinates
+        win = win * width[a] + offset[..., a]
+        blk = blk * counts[a] + c[:, a] // block[a]
+        pos = pos * block[a] + c[:, a] % block[a]
+    index = torch.stack([blk.unsqueeze(1).expand_as(win), pos.unsqueeze(1).expand_as(win), win])  # (3, N, N)
+    return allowed, index
+
+
+def halo_relative_index(block: Sequence[int], halo: Sequence[int], device: torch.device | None = None) -> Tensor:
+    """Relative offset of every (query in block, key in window) pair, per axis, as a table index.
+
+    Returns:
+        ``(k, Bq, W)`` long: on axis ``a``, ``key_offset - query_offset + block_a + halo_a - 1`` in
+        ``[0, 2 * (block_a + halo_a) - 1)``, i.e. an index into a per-axis relative table of that size.
+    """
+    rows = []
+    qpos, kpos = axis_coords(block, device), axis_coords([b + 2 * h for b, h in zip(block, halo)], device)  # (Bq, k), (W, k)
+    for a, (b, h) in enumerate(zip(block, halo)):
+        rows.append(kpos[:, a].view(1, -1) - (qpos[:, a] + h).view(-1, 1) + b + h - 1)  # (Bq, W)
+    return torch.stack(rows)  # (k, Bq, W)
+
+
+def halo_query_blocks(q: Tensor, block: Sequence[int]) -> Tensor:
+    """Queries ``(B, H, *grid, D)`` cut into (end-padded) blocks ``(B, H, NB, Bq, D)``, as the operator sees them."""
+    grid = q.shape[2:-1]
+    extra = [ceil_div(g, b) * b - g for g, b in zip(grid, block)]
+    return blockify(pad_grid(q, [(0, e) for e in extra]), block)  # (B, H, NB, Bq, D)
+
+
+def _bias5(bias: Tensor, counts: Sequence[int], bq: int, w: int) -> Tensor:
+    b5 = bias.reshape((1,) * (5 - bias.dim()) + tuple(bias.shape))  # (B', H', NB', Bq', W')
+    return b5.expand(b5.shape[0], b5.shape[1], math.prod(counts), bq, w)  # (B', H', NB, Bq, W)
+
+
+def _reference(q, k, v, *, block, halo, mask, bias, scale, need_weights):
+    b, h, *grid, d = q.shape
+    n = math.prod(grid)
+    allowed, index = halo_key_sets(grid, block, halo, q.device)  # (N, N), (3, N, N)
+    full = allowed
+    if mask is not None:
+        full = allowed & mask.reshape(mask.shape[0], mask.shape[1], 1, n)  # (B', H', N, N)
+    dense_bias = None
+    if bias is not None:
+        counts, bq, w = halo_windows(grid, block, halo)
+        dense_bias = _bias5(bias, counts, bq, w)[:, :, index[0], index[1], index[2]]  # (B', H', N, N)
+    out, weights, _ = reference_attention(
+        q.reshape(b, h, n, d), k.reshape(b, h, n, d), v.reshape(b, h, n, v.shape[-1]),  # (B, H, N, *)
+        mask=full, bias=dense_bias, scale=scale,
+    )
+    return out.reshape(b, h, *grid, v.shape[-1]), (weights if need_weights else None)
+
+
+def _blocked(q, k, v, *, block, halo, mask, bias, scale, need_weights):
+    b, h, *grid, d = q.shape
+    dv = v.shape[-1]
+    counts, bq, w = halo_windows(grid, block, halo)
+    extra = [n * s - g for n, s, g in zip(counts, block, grid)]
+    win = [s + 2 * hh for s, hh in zip(block, halo)]
+    kpads = [(hh, hh + e) for hh, e in zip(halo, extra)]
+    q_blk = blockify(pad_grid(q, [(0, e) for e in extra]), block)  # (B, H, NB, Bq, D)
+    k_win = windows(pad_grid(k, kpads), win, block)  # (B, H, NB, W, D)
+    v_win = windows(pad_grid(v, kpads), win, block)  # (B, H, NB, W, Dv)
+    nb = q_blk.shape[2]
+    key_mask = None
+    if mask is not None or any(p != (0, 0) for p in kpads):
+        valid = mask.reshape(mask.shape[:2] + tuple(grid)) if mask is not None else torch.ones(
+            1, 1, *grid, dtype=torch.bool, device=q.device)
+        valid = pad_grid(valid, kpads, value=False)  # (B', H', *padded)
+        key_mask = windows(valid, win, block)  # (B', H', NB, W)
+        key_mask = key_mask.expand(key_mask.shape[0], h, nb, w).reshape(key_mask.shape[0], h * nb, 1, w)  # (B', H*NB, 1, W)
+    bias4 = None
+    if bias is not None:
+        b5 = _bias5(bias, counts, bq, w)
+        bias4 = b5.expand(b5.shape[0], h, nb, bq, w).reshape(b5.shape[0], h * nb, bq, w)  # (B', H*NB, Bq, W)
+    out = dense_attention(
+        q_blk.reshape(b, h * nb, bq, d), k_win.reshape(b, h * nb, w, d), v_win.reshape(b, h * nb, w, dv),
+        mask=key_mask, bias=bias4, scale=scale, backend="sdpa",
+    )  # (B, H*NB, Bq, Dv)
+    out = unblockify(out.reshape(b, h, nb, bq, dv), counts, block)  # (B, H, *padded, Dv)
+    return out[(slice(None), slice(None), *(slice(0, g) for g in grid))], None
+
+
+BACKENDS["halo"] = (
+    Backend("blocked", _blocked),
+    Backend("reference", _reference, weights=True),
+)
+
+
+@register_operator("halo", layout="grid", cross=False)
+def halo_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_size: int | Sequence[int],
+    halo_size: int | Sequence[int],
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Blocked local self-attention (HaloNet) on a 1-, 2- or 3-D grid; see the module docstring.
+
+    Args:
+        q: queries ``(B, H, *grid, D)``.
+        k: keys ``(B, H, *grid, D)`` (same grid).
+        v: values ``(B, H, *grid, Dv)``.
+        block_size: query block size, an int or one per grid axis (HaloNet: 8).
+        halo_size: halo width added on each side of the block, an int or one per axis (HaloNet: 3).
+        mask: bool key mask ``(B or 1, H or 1, *grid)``, ``True`` = key takes part.
+        bias: additive score bias broadcastable to ``(B, H, NB, Bq, W)`` (``NB`` blocks, ``Bq`` =
+            prod(block) queries per block, ``W`` = prod(block + 2*halo) keys per window, both
+            row-major); e.g. a relative-position bias ``(H, 1, Bq, W)``. Receives gradients.
+        scale: score scale, ``1/sqrt(D)`` when None.
+        return_weights: also return dense weights ``(B, H, N, N)`` over the flattened grid (reference path).
+        backend: ``"auto"``, ``"blocked"`` or ``"reference"``.
+
+    Returns:
+        ``out (B, H, *grid, Dv)`` or ``(out, weights)``.
+
+    Raises:
+        TypeError: non-float inputs, mixed dtypes, non-bool mask, non-float bias, non-int sizes.
+        ValueError: ranks, grids or sizes that do not match, ``block_size < 1``, ``halo_size < 0``.
+
+    Shapes:
+        See :mod:`attnfuse.ops`; grids are ``(B, H, X, Y, D)`` in 2-D.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 10, 7, 16)  # any grid size: no divisibility needed
+        >>> halo_attention(q, k, v, block_size=4, halo_size=1).shape
+        torch.Size([1, 2, 10, 7, 16])
+    """
+    grid = check_grid_qkv(q, k, v)
+    block = per_axis("block_size", block_size, len(grid), minimum=1)
+    halo = per_axis("halo_size", halo_size, len(grid), minimum=0)
+    check_grid_mask(mask, (q.shape[0], q.shape[1], *grid))
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        counts, bq, w = halo_windows(grid, block, halo)
+        target = (q.shape[0], q.shape[1], math.prod(counts), bq, w)
+        if bias.dim() > 5 or any(have not in (1, want) for have, want in zip(reversed(bias.shape), reversed(target))):
+            raise ValueError(f"bias must broadcast to (B, H, NB, Bq, W) = {target}, got bias.shape={tuple(bias.shape)}")
+        bias = bias.to(q.dtype)
+    call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights)
+    impl = choose_backend("halo", backend, call)
+    out, weights = impl.fn(q, k, v, block=block, halo=halo, mask=mask, bias=bias, scale=scale, need_weights=return_weights)
+    return (out, weights) if return_weights else out

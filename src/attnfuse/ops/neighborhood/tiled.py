@@ -1,0 +1,304 @@
+"""Tiled neighborhood attention: query tiles attend densely to their key region under a window mask.
+
+The CPU training path, in pure PyTorch (forward and backward through autograd). Queries are cut
+into tiles of ``T = prod(tile)`` tokens of one dilation group; the union of the windows of a tile
+is a box of at most ``tile + kernel - 1`` group positions per axis (window starts move by at most
+one per query), its *key region* of ``R`` tokens. Each tile then runs one dense ``T x R``
+attention with a boolean mask that keeps exactly each query's NATTEN window, so the work is a few
+large batched matmuls (``scaled_dot_product_attention`` when no log-sum-exp is needed) instead of
+a gather per query. The region is gathered with one row ``index_select`` on ``(B*H*N, D)``
+(fast on CPU), and results are scattered back with another.
+
+Trade-off: a tile computes ``T * R`` scores for ``T * prod(kernel)`` useful ones; small tiles
+waste less but give small matmuls. :func:`default_tile` holds the tile sizes measured on CPU.
+
+Shapes: ``q (B, H, *grid, D)``, ``k (B, H, *grid, D)``, ``v (B, H, *grid, Dv)``; ``N = prod(grid)``,
+``K = prod(kernel)``, ``nT`` tiles of ``T`` queries with regions of ``R`` keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnfuse.ops.neighborhood._windows import Geometry, in_window, window_start
+from attnfuse.ops.reference import masked_softmax
+
+__all__ = ["TilePlan", "default_tile", "plan_rel", "plan_slot", "tile_plan", "tiled_neighborhood"]
+
+
+def default_tile(geom: Geometry) -> tuple[int, ...]:
+    """Query tile extent per axis (in dilation-group positions), tuned on a 2-core CPU, fp32, D=64."""
+    if geom.rank == 1:
+        return (min(128, max(32, geom.kernel[0] // 2)),)
+    if geom.rank == 2:
+        return (8, 8) if max(geom.kernel) <= 9 else (8, 16)
+    return (4, 4, 4) if max(geom.kernel) <= 5 else (4, 4, 8)
+
+
+@dataclass(frozen=True, eq=False)
+class TilePlan:
+    """Index tensors of one tiling (all on the compute device).
+
+    Attributes:
+        num_tiles, tile_len, region_len: ``nT``, ``T``, ``R``.
+        q_index: ``(nT * T,)`` flat token index of each tile slot (padding slots repeat a token).
+        k_index: ``(nT * R,)`` flat token index of each region slot.
+        allowed: ``(nT, T, R)`` bool, key in the query's window.
+        out_index: ``(N,)`` position ``tile * T + slot`` holding each token's result.
+
+    The ``(nT, T, R)`` relative-position-bias and window-slot indices are built on demand by
+    :func:`plan_rel` / :func:`plan_slot` (they are only needed with ``rpb`` / ``bias``).
+    """
+
+    num_tiles: int
+    tile_len: int
+    region_len: int
+    q_index: Tensor
+    k_index: Tensor
+    allowed: Tensor
+    out_index: Tensor
+
+
+def _axis_tiles(n: int, k: int, d: int, causal: bool, t: int) -> tuple[Tensor, ...]:
+    """Tiles of one axis: per tile its queries, region keys, mask, bias and slot indices.
+
+    Returns ``(q (nt, t), q_valid (nt, t), keys (nt, r), allowed (nt, t, r), rel, slot)`` in
+    absolute positions; tiles never mix dilation groups.
+    """
+    largest = -(-n // d)  # largest dilation group
+    t = min(t, largest)
+    r = min(t + k - 1, largest)
+    parts: list[tuple[Tensor, ...]] = []
+    for g in range(d):
+        ng = (n - g + d - 1) // d
+        nt = -(-ng // t)
+        p = torch.arange(nt * t).view(nt, t)  # (nt, t) group positions
+        q_valid = p < ng
+        p = p.clamp(max=ng - 1)  # padding slots repeat the last query
+        qi = p * d + g
+        start = window_start(qi, n, k, d, causal)  # (nt, t)
+        region_start = start[:, 0].clamp(max=max(ng - r, 0))  # the region [rs, rs + r) holds every window of the tile
+        pk = region_start[:, None] + torch.arange(r)  # (nt, r)
+        k_valid = pk < ng  # a group shorter than r pads its region
+        pk = pk.clamp(max=ng - 1)
+        ki = pk * d + g
+        allowed = k_valid[:, None, :] & in_window(qi[:, :, None], ki[:, None, :], n, k, d, causal)  # (nt, t, r)
+        rel = (pk[:, None, :] - p[:, :, None] + k - 1).clamp(0, 2 * k - 2)
+        slot = (pk[:, None, :] - start[:, :, None]).clamp(0, k - 1)
+        parts.append((qi, q_valid, ki, allowed, rel, slot))
+    return tuple(torch.cat(xs, dim=0) for xs in zip(*parts))
+
+
+@functools.lru_cache(maxsize=64)
+def _axes(geom: Geometry, tile: tuple[int, ...]) -> tuple[tuple[Tensor, ...], ...]:
+    return tuple(_axis_tiles(n, k, d, c, t) for n, k, d, c, t in zip(geom.grid, geom.kernel, geom.dilation, geom.causal, tile))
+
+
+def _place(x: Tensor, a: int, rank: int) -> Tensor:
+    """An axis tensor ``(nt_a, s_a[, r_a])`` viewed on the broadcast layout ``(*nt, *s[, *r])``."""
+    shape = [1] * (x.dim() * rank)
+    for j, size in enumerate(x.shape):
+        shape[j * rank + a] = size
+    return x.reshape(shape)
+
+
+def _combine(geom: Geometry, tile: tuple[int, ...], which: int, radices: tuple[int, ...], device: torch.device) -> Tensor:
+    """Flat index ``(nT, T, R)`` from the per-axis ``(nt, t, r)`` tensors ``which`` (4: rel, 5: slot)."""
+    axes = _axes(geom, tile)
+    rank = geom.rank
+    flat: Tensor | int = 0
+    for a, axis in enumerate(axes):
+        flat = flat + _place(axis[which], a, rank) * math.prod(radices[a + 1 :])
+    nts, ts, rs = ([ax[0].shape[0] for ax in axes], [ax[0].shape[1] for ax in axes], [ax[2].shape[1] for ax in axes])
+    full = (*nts, *ts, *rs)
+    return flat.expand(full).reshape(math.prod(nts), math.prod(ts), math.prod(rs)).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def plan_rel(geom: Geometry, tile: tuple[int, ...], device: torch.device) -> Tensor:
+    """``(nT, T, R)`` flat index into the ``(prod(2k - 1),)`` relative-position table (clamped where not allowed)."""
+    return _combine(geom, tile, 4, geom.rpb_shape, device)
+
+
+@functools.lru_cache(maxsize=16)
+def plan_slot(geom: Geometry, tile: tuple[int, ...], device: torch.device) -> Tensor:
+    """``(nT, T, R)`` flat window-slot index (clamped where not allowed)."""
+    return _combine(geom, tile, 5, geom.kernel, device)
+
+
+@functools.lru_cache(maxsize=64)
+def tile_plan(geom: Geometry, tile: tuple[int, ...], device: torch.device) -> TilePlan:
+    """Build (and cache) the tiling of ``geom`` with query tiles of extent ``tile``."""
+    rank = geom.rank
+    axes = _axes(geom, tile)
+    nts = [a[0].shape[0] for a in axes]
+    ts = [a[0].shape[1] for a in axes]
+    rs = [a[2].shape[1] for a in axes]
+    n_tiles, t_len, r_len = math.prod(nts), math.prod(ts), math.prod(rs)
+    q_index: Tensor | int = 0
+    k_index: Tensor | int = 0
+    allowed: Tensor | bool = True
+    for a, (qi, _, ki, al, _rl, _sl) in enumerate(axes):
+        stride = math.prod(geom.grid[a + 1 :])
+        q_index = q_index + _place(qi, a, rank) * stride  # (*nt, *t)
+        k_index = k_index + _place(ki, a, rank) * stride  # (*nt, *r)
+        allowed = allowed & _place(al, a, rank)  # (*nt, *t, *r)
+    # where each token's result lands: per axis (tile, slot) of its non-padding occurrence
+    out_index: Tensor | int = 0
+    for a, (qi, qv, *_rest) in enumerate(axes):
+        where = torch.empty(geom.grid[a], dtype=torch.long)
+        where[qi[qv]] = torch.arange(qi.numel()).view_as(qi)[qv]  # flat (tile * t + slot) per position
+        tile_a, slot_a = where // ts[a], where % ts[a]
+        shape = [1] * rank
+        shape[a] = geom.grid[a]
+        pos = tile_a * math.prod(nts[a + 1 :]) * t_len + slot_a * math.prod(ts[a + 1 :])
+        out_index = out_index + pos.view(shape)
+    return TilePlan(
+        num_tiles=n_tiles,
+        tile_len=t_len,
+        region_len=r_len,
+        q_index=torch.as_tensor(q_index).expand(*nts, *ts).reshape(-1).to(device),
+        k_index=torch.as_tensor(k_index).expand(*nts, *rs).reshape(-1).to(device),
+        allowed=torch.as_tensor(allowed).expand(*nts, *ts, *rs).reshape(n_tiles, t_len, r_len).to(device),
+        out_index=torch.as_tensor(out_index).expand(geom.grid).reshape(-1).to(device),
+    )
+
+
+class _TableLookup(torch.autograd.Function):
+    """``table[:, index]`` whose backward is one ``scatter_add_`` (autograd's ``index_put_`` is ~8x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:  # table (H, V), index (...) -> (H, ...)
+        ctx.save_for_backward(index)
+        ctx.num_values = table.shape[1]
+        return table[:, index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        h = grad.shape[0]
+        flat = grad.reshape(h, -1)  # (H, numel(index))
+        out = flat.new_zeros(h, ctx.num_values).scatter_add_(1, index.reshape(1, -1).expand(h, -1), flat)
+        return out, None
+
+
+@functools.lru_cache(maxsize=16)
+def _additive_mask(plan: TilePlan, dtype: torch.dtype) -> Tensor:
+    """The window mask as an additive ``(1, nT, T, R)`` float mask (SDPA would convert a bool one every call)."""
+    zero = torch.zeros((), dtype=dtype, device=plan.allowed.device)
+    return torch.where(plan.allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=zero.device))[None]
+
+
+def _rows(index: Tensor, groups: int, n: int) -> Tensor:
+    """Row indices into a ``(groups * n, C)`` matrix: ``index`` repeated for every group."""
+    offsets = torch.arange(groups, device=index.device) * n  # (G,)
+    return (offsets[:, None] + index[None, :]).reshape(-1)  # (G * len(index),)
+
+
+def _gather_rows(x: Tensor, index: Tensor, groups: int, n: int) -> Tensor:
+    """``x (G, N, C)``-shaped tensor viewed as rows, gathered per group: returns ``(G, len(index), C)``."""
+    c = x.shape[-1]
+    rows = x.reshape(groups * n, c).index_select(0, _rows(index, groups, n))  # (G * len, C)
+    return rows.view(groups, index.numel(), c)
+
+
+def _to_bh(t: Tensor, b: int, h: int) -> Tensor:
+    """``(b?, h?, nT, T, R)`` with ``b?`` in ``{1, B}``, ``h?`` in ``{1, H}`` -> 4-D ``(B*H or 1, nT, T, R)``."""
+    if t.shape[0] == 1 and t.shape[1] == 1:
+        return t[0]  # (1, nT, T, R)
+    return t.expand(b, h, *t.shape[2:]).reshape(b * h, *t.shape[2:])
+
+
+def tiled_neighborhood(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    geom: Geometry,
+    *,
+    scale: float,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    rpb: Tensor | None = None,
+    need_lse: bool = False,
+    tile: tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Neighborhood attention over query tiles; inputs are assumed validated.
+
+    Args:
+        q, k, v: see the module shapes.
+        geom: the validated window geometry.
+        scale: score scale.
+        mask: bool key validity ``(Bm, Hm, N)``, ``Bm`` in ``{1, B}``, ``Hm`` in ``{1, H}``.
+        bias: additive window-slot bias ``(Bb, Hb, N, K)``.
+        rpb: relative-position bias ``(H, 2k_0 - 1, ...)``.
+        need_lse: also return the log-sum-exp (uses explicit matmuls instead of SDPA).
+        tile: query tile extent per axis (default :func:`default_tile`).
+
+    Returns:
+        ``(out (B, H, *grid, Dv), lse (B, H, *grid) or None)``.
+    """
+    b, h = q.shape[:2]
+    n, d, dv = geom.num_tokens, q.shape[-1], v.shape[-1]
+    tile = tuple(tile or default_tile(geom))
+    plan = tile_plan(geom, tile, q.device)
+    nt, t, r = plan.num_tiles, plan.tile_len, plan.region_len
+    bh = b * h
+    q_t = _gather_rows(q, plan.q_index, bh, n).view(bh, nt, t, d)  # (BH, nT, T, D)
+    k_t = _gather_rows(k, plan.k_index, bh, n).view(bh, nt, r, d)  # (BH, nT, R, D)
+    v_t = _gather_rows(v, plan.k_index, bh, n).view(bh, nt, r, dv)  # (BH, nT, R, Dv)
+
+    allowed = plan.allowed[None, None]  # (1, 1, nT, T, R)
+    if mask is not None:
+        bm, hm = mask.shape[:2]
+        key_ok = _gather_rows(mask.reshape(bm * hm, n, 1), plan.k_index, bm * hm, n)  # (Bm*Hm, nT*R, 1)
+        allowed = allowed & key_ok.view(bm, hm, nt, 1, r)  # (Bm, Hm, nT, T, R)
+    score_bias = None
+    if rpb is not None:
+        score_bias = _TableLookup.apply(rpb.reshape(h, -1), plan_rel(geom, tile, q.device))[None]  # (1, H, nT, T, R)
+    if bias is not None:
+        bb, hb = bias.shape[:2]
+        per_query = _gather_rows(bias.reshape(bb * hb, n, -1), plan.q_index, bb * hb, n)  # (Bb*Hb, nT*T, K)
+        per_query = per_query.view(bb, hb, nt, t, -1)
+        slot = plan_slot(geom, tile, q.device).expand(bb, hb, nt, t, r)
+        region_bias = per_query.gather(-1, slot)  # (Bb, Hb, nT, T, R)
+        score_bias = region_bias if score_bias is None else score_bias + region_bias
+
+    row_ok = None
+    if mask is not None:  # a query whose window keys are all masked: give it every key, zero it after
+        row_ok = allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, nT, T, 1)
+        allowed = allowed | ~row_ok
+
+    if need_lse:
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        s = torch.matmul(q_t.to(compute) * scale, k_t.to(compute).transpose(-1, -2))  # (BH, nT, T, R)
+        if score_bias is not None:
+            s = s + _to_bh(score_bias.to(compute), b, h)
+        s = s.masked_fill(~_to_bh(allowed, b, h), float("-inf"))
+        weights, lse = masked_softmax(s)
+        out = torch.matmul(weights, v_t.to(compute)).to(q.dtype)  # (BH, nT, T, Dv)
+        lse = lse.to(q.dtype)  # (BH, nT, T)
+    else:
+        if score_bias is None and mask is None:
+            attn_mask = _additive_mask(plan, q.dtype)  # (1, nT, T, R)
+        elif score_bias is None:
+            attn_mask = _to_bh(allowed, b, h)  # bool (BH or 1, nT, T, R)
+        else:
+            attn_mask = _to_bh(score_bias.to(q.dtype).masked_fill(~allowed, float("-inf")), b, h)
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=attn_mask, scale=scale)  # (BH, nT, T, Dv)
+        lse = None
+    if row_ok is not None:
+        ok = _to_bh(row_ok, b, h)  # (BH or 1, nT, T, 1)
+        out = torch.where(ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        if lse is not None:
+            lse = torch.where(ok[..., 0], lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    out = _gather_rows(out.reshape(bh, nt * t, dv), plan.out_index, bh, nt * t)  # (BH, N, Dv)
+    out = out.view(b, h, *geom.grid, dv)
+    if lse is not None:
+        lse = _gather_rows(lse.reshape(bh, nt * t, 1), plan.out_index, bh, nt * t).view(b, h, *geom.grid)
+    return out, lse

@@ -1,0 +1,218 @@
+"""Bi-level routing attention (BiFormer): route each query region to its top-k key regions, then attend to their tokens.
+
+Paper: Zhu, Wang, Ke, Li, Lau, "BiFormer: Vision Transformer with Bi-Level Routing Attention"
+(CVPR 2023, https://arxiv.org/abs/2303.08810); official code ``rayleizhu/BiFormer``
+(``ops/bra_legacy.py``, ``ops/bra_nchw.py``, ``ops/torch/rrsda.py``), read, not copied.
+Status: exact for any grid size (pad + mask); backends ``"gather"`` (regions gathered with one
+``index_select`` per tensor, whose backward is an ``index_add``; one batched SDPA call) and
+``"reference"`` (dense attention under the explicit routed key sets).
+
+Semantics, as the official implementation (``diff_routing=False``, ``soft_routing=False``):
+
+1. The grid is cut into ``regions`` regions per axis, each of ``ceil(G / regions)`` positions
+   (the grid is padded at the end; padding is never pooled and never attended).
+2. Region descriptors are the means of the (detached) queries and keys over a region's valid
+   positions, with all heads concatenated: the affinity of query region ``i`` and key region ``j``
+   is ``sum_h qbar[h, i] . kbar[h, j]`` (no scale: top-k does not depend on it). Routing is
+   therefore **per batch element and shared by all heads**, and its indices carry no gradient
+   (as in the paper: gradients reach q and k only through the token-level attention).
+3. Query region ``i`` keeps the ``topk`` regions of highest affinity (``torch.topk``; key regions with
+   no valid key rank last), and each of its queries attends to every valid token of those regions.
+
+Masked keys (``mask`` False) are excluded from the key means and from attention; masked
+positions are also left out of the query means (for self-attention the mask marks invalid tokens).
+
+Tiny materialised example, 1-D grid of 4 tokens, ``regions = 2`` (``{0, 1}``, ``{2, 3}``),
+``topk = 1``, region 0 routed to region 1 and region 1 to itself (row = query, 1 = attended)::
+
+    q0  0 0 1 1
+    q1  0 0 1 1
+    q2  0 0 1 1
+    q3  0 0 1 1
+
+Equivalent dense formulation (backend ``"reference"``)::
+
+    allowed[b, i, j] = region(j) in topk_regions[b, region(i)] and mask[j]
+    out = softmax(scale * q @ k^T, over allowed) @ v
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnfuse.ops._blocks import axis_coords, blockify, ceil_div, check_grid_mask, check_grid_qkv, pad_grid, per_axis, unblockify
+from attnfuse.ops._registry import register_operator
+from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops.dense import dense_attention
+from attnfuse.ops.reference import reference_attention
+
+__all__ = ["route_regions", "routing_attention"]
+
+
+def _layout(grid: Sequence[int], regions: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+    size = tuple(ceil_div(g, n) for g, n in zip(grid, regions))
+    pads = [(0, n * s - g) for g, n, s in zip(grid, regions, size)]
+    return size, pads
+
+
+def _valid(mask: Tensor | None, grid: Sequence[int], pads, device) -> Tensor:
+    """Valid-key indicator ``(B', H', *padded)``: inside the grid and allowed by ``mask``."""
+    valid = mask if mask is not None else torch.ones(1, 1, *grid, dtype=torch.bool, device=device)
+    return pad_grid(valid, pads, value=False)
+
+
+def route_regions(q: Tensor, k: Tensor, regions: Sequence[int], topk: int, mask: Tensor | None = None) -> Tensor:
+    """Top-k key regions of every query region (no gradient).
+
+    Args:
+        q, k: ``(B, H, *grid, D)``.
+        regions: regions per grid axis.
+        topk: regions kept per query region.
+        mask: bool key mask ``(B or 1, H or 1, *grid)``.
+
+    Returns:
+        ``(B, R, topk)`` long indices of key regions (row-major region numbering), best first.
+    """
+    grid = q.shape[2:-1]
+    size, pads = _layout(grid, regions)
+    with torch.no_grad():
+        if q.dtype in (torch.float16, torch.bfloat16):  # rank regions in float32, as the reference computes
+            q, k = q.float(), k.float()
+        w = blockify(_valid(mask, grid, pads, q.device), size).to(q.dtype)  # (B', H', R, T)
+        count = w.sum(-1, keepdim=True)  # (B', H', R, 1)
+        q_reg = (blockify(pad_grid(q, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
+        k_reg = (blockify(pad_grid(k, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
+        affinity = torch.einsum("bhid,bhjd->bij", q_reg, k_reg)  # (B, R, R), summed over heads
+        has_key = (count.squeeze(-1) > 0).any(dim=1)  # (B', R)
+        affinity = affinity.masked_fill(~has_key.unsqueeze(1), float("-inf"))
+        return torch.topk(affinity, topk, dim=-1).indices  # (B, R, topk)
+
+
+def _reference(q, k, v, *, regions, idx, mask, scale, need_weights):
+    b, h, *grid, d = q.shape
+    n = q[0, 0, ..., 0].numel()
+    size = tuple(ceil_div(g, r) for g, r in zip(grid, regions))
+    c = axis_coords(grid, q.device)  # (N, k)
+    region = torch.zeros(n, dtype=torch.long, device=q.device)
+    for a in range(len(grid)):  # row-major region number of every position
+        region = region * regions[a] + c[:, a] // size[a]
+    routed = idx[:, region]  # (B, N, topk) key regions of each query's region
+    allowed = (routed.unsqueeze(2) == region.view(1, 1, n, 1)).any(-1)  # (B, N, N): key j's region is routed
+    allowed = allowed.unsqueeze(1)  # (B, 1, N, N)
+    if mask is not None:
+        allowed = allowed & mask.reshape(mask.shape[0], mask.shape[1], 1, n)  # (B, H', N, N)
+    out, weights, _ = reference_attention(
+        q.reshape(b, h, n, d), k.reshape(b, h, n, d), v.reshape(b, h, n, v.shape[-1]), mask=allowed, scale=scale)
+    return out.reshape(b, h, *grid, v.shape[-1]), (weights if need_weights else None)
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows of the routed regions: ``x (B, H, R, T, C)``, ``idx (B, R, k)`` -> ``(B, H, R, k*T, C)``.
+
+    One ``index_select`` on the flattened ``(B*H*R)`` region axis: its backward is a single
+    ``index_add`` of contiguous ``T*C`` rows (``torch.gather`` on an expanded view, as in the
+    official code, scatters element by element and is several times slower backwards).
+    """
+    b, h, r, t, c = x.shape
+    base = (torch.arange(b, device=x.device).view(b, 1, 1, 1) * h + torch.arange(h, device=x.device).view(1, h, 1, 1)) * r
+    rows = base + idx.unsqueeze(1)  # (B, H, R, k)
+    out = x.reshape(b * h * r, t * c).index_select(0, rows.reshape(-1))  # (B*H*R*k, T*C)
+    return out.reshape(b, h, r, idx.shape[-1] * t, c)  # (B, H, R, k*T, C)
+
+
+def _gathered(q, k, v, *, regions, idx, mask, scale, need_weights):
+    b, h, *grid, d = q.shape
+    dv = v.shape[-1]
+    size, pads = _layout(grid, regions)
+    q_reg = blockify(pad_grid(q, pads), size)  # (B, H, R, T, D)
+    r, t = q_reg.shape[2], q_reg.shape[3]
+    k_sel = _gather(blockify(pad_grid(k, pads), size), idx)  # (B, H, R, k*T, D)
+    v_sel = _gather(blockify(pad_grid(v, pads), size), idx)  # (B, H, R, k*T, Dv)
+    key_mask = None
+    if mask is not None or any(p != (0, 0) for p in pads):
+        valid = blockify(_valid(mask, grid, pads, q.device), size)  # (B', H', R, T)
+        hv = valid.shape[1]
+        valid = _gather(valid.expand(b, hv, r, t).unsqueeze(-1), idx)  # (B, H', R, k*T, 1)
+        key_mask = valid.squeeze(-1).expand(b, h, r, -1).reshape(b, h * r, 1, -1)  # (B, H*R, 1, k*T)
+    out = dense_attention(
+        q_reg.reshape(b, h * r, t, d), k_sel.reshape(b, h * r, -1, d), v_sel.reshape(b, h * r, -1, dv),
+        mask=key_mask, scale=scale, backend="sdpa",
+    )  # (B, H*R, T, Dv)
+    out = unblockify(out.reshape(b, h, r, t, dv), regions, size)  # (B, H, *padded, Dv)
+    return out[(slice(None), slice(None), *(slice(0, g) for g in grid))], None
+
+
+BACKENDS["routing"] = (
+    Backend("gather", _gathered),
+    Backend("reference", _reference, weights=True),
+)
+
+
+@register_operator("routing", layout="grid", cross=False)
+def routing_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    regions: int | Sequence[int],
+    topk: int,
+    *,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    return_weights: bool = False,
+    return_routing: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, ...]:
+    """Bi-level routing attention (BiFormer) on a 1-, 2- or 3-D grid; see the module docstring.
+
+    Args:
+        q: queries ``(B, H, *grid, D)``.
+        k: keys ``(B, H, *grid, D)`` (same grid).
+        v: values ``(B, H, *grid, Dv)``.
+        regions: regions per grid axis (BiFormer's ``n_win``; 7 on ImageNet), an int or one per axis;
+            at most the grid extent. Grids need not be divisible (pad + mask).
+        topk: key regions routed to each query region, ``1 <= topk <= prod(regions)``
+            (BiFormer: 1, 4, 16 and all regions in its four stages).
+        mask: bool key mask ``(B or 1, H or 1, *grid)``, ``True`` = key takes part.
+        scale: token-attention score scale, ``1/sqrt(D)`` when None.
+        return_weights: also return dense weights ``(B, H, N, N)`` over the flattened grid (reference path).
+        return_routing: also return the routing ``(B, R, topk)`` (key region indices, row-major).
+        backend: ``"auto"``, ``"gather"`` or ``"reference"``.
+
+    Returns:
+        ``out (B, H, *grid, Dv)``, followed by ``weights`` and / or ``routing`` when asked for.
+
+    Raises:
+        TypeError: non-float inputs, mixed dtypes, non-bool mask, non-int ``regions`` / ``topk``.
+        ValueError: ranks or grids that do not match, ``regions`` outside ``[1, extent]``,
+            ``topk`` outside ``[1, number of regions]``.
+
+    Shapes:
+        See :mod:`attnfuse.ops`; ``R = prod(regions)``.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 4, 14, 14, 32)
+        >>> out, routing = routing_attention(q, k, v, regions=7, topk=4, return_routing=True)
+        >>> out.shape, routing.shape
+        (torch.Size([2, 4, 14, 14, 32]), torch.Size([2, 49, 4]))
+    """
+    grid = check_grid_qkv(q, k, v)
+    regions = per_axis("regions", regions, len(grid), minimum=1)
+    if any(r > g for r, g in zip(regions, grid)):
+        raise ValueError(f"regions must be at most the grid extent on every axis, got regions={regions} for grid {grid}")
+    n_regions = 1
+    for r in regions:
+        n_regions *= r
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int, got {topk!r}")
+    if not 1 <= topk <= n_regions:
+        raise ValueError(f"topk must be in [1, number of regions = {n_regions}], got topk={topk}")
+    check_grid_mask(mask, (q.shape[0], q.shape[1], *grid))
+    call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
+    impl = choose_backend("routing", backend, call)
+    idx = route_regions(q, k, regions, topk, mask)  # (B, R, topk)
+    out, weights = impl.fn(q, k, v, regions=regions, idx=idx, mask=mask, scale=scale, need_weights=return_weights)
+    extra = ([weights] if return_weights else []) + ([idx] if return_routing else [])
+    return (out, *extra) if extra else out
