@@ -109,7 +109,8 @@ class FusionDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.inputs names unknown input(s) {unknown}; {hp.dataset} has {sorted(names)}")
             schema = TableSchema(inputs=tuple(s for s in schema.inputs if s.name in hp.inputs), target=schema.target,
                                  task=schema.task)
-            source = Source(source.frame, schema, source.arrays)
+            arrays = {k: v for k, v in (source.arrays or {}).items() if k in hp.inputs} or None
+            source = Source(source.frame, schema, arrays)
         frame = source.frame
         if schema.target not in frame.columns:
             raise ValueError(f"target column {schema.target!r} is not in the table; columns: {list(frame.columns)}")
