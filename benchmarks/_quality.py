@@ -1,0 +1,90 @@
+"""Shared helpers of the quality experiments (``benchmarks/quality_*.py``): statistics, tables, docs.
+
+Kept free of Lightning and of the training layer so that the experiments start quickly. Nothing here
+is imported by the library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RESULTS_DOC", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "write_doc_section"]
+
+RESULTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+
+_DOC_HEADER = """# Results
+
+Quality experiments on real offline data. Every section is self-contained: it names the command that
+produces its table (run from the repository root after `make setup`), the protocol, and how to read
+the numbers. Sections are (re)written by their scripts; other text in this file is left alone.
+"""
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value); NaNs are dropped first."""
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``"0.912 ± 0.004"`` (``"n/a"`` when every value is NaN)."""
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for detecting ``positive``; ties count one half.
+
+    Computed from its definition, ``P(score_pos > score_neg) + 0.5 P(score_pos == score_neg)`` over
+    all positive/negative pairs (``O(P·N)``, fine for a few thousand samples). NaN when one of the
+    two classes is empty.
+
+    Shapes:
+        score ``(N,)`` float, positive ``(N,)`` bool -> float.
+    """
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if score.shape != positive.shape:
+        raise ValueError(f"score and positive must have the same length, got {score.shape} and {positive.shape}")
+    pos, neg = score[positive], score[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum()  # (P, N) pairs
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_doc_section(title: str, body: str, path: Path = RESULTS_DOC) -> Path:
+    """Put ``## {title}`` + ``body`` into ``path``, replacing that section if present.
+
+    The section runs from its ``## `` heading to the next ``## `` heading (or the end of the file);
+    all other text is kept as it is. The file is created with a short header if absent.
+    """
+    path = Path(path)
+    text = path.read_text() if path.exists() else _DOC_HEADER
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
