@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import get_operator
 
 __all__ = ["Attention"]
@@ -64,12 +65,7 @@ class Attention(nn.Module):
         **op_kwargs,
     ) -> None:
         super().__init__()
-        if dim <= 0 or heads <= 0:
-            raise ValueError(f"dim and heads must be positive, got {dim=}, {heads=}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"dim must be divisible by heads (or pass head_dim=), got {dim=}, {heads=}")
-            head_dim = dim // heads
+        head_dim = resolve_head_dim(dim, heads, head_dim)
         self.spec = get_operator(op)
         self.spec.check_options(op_kwargs)
         self.op_kwargs = dict(op_kwargs)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import halo_attention, routing_attention
 from attnfuse.ops.halo import halo_query_blocks, halo_relative_index
 
@@ -34,12 +35,7 @@ class _GridAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int | None, qkv_bias: bool, dropout: float, rank: int, dd: dict) -> None:
         super().__init__()
-        if dim <= 0 or heads <= 0:
-            raise ValueError(f"dim and heads must be positive, got {dim=}, {heads=}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"dim must be divisible by heads (or pass head_dim=), got {dim=}, {heads=}")
-            head_dim = dim // heads
+        head_dim = resolve_head_dim(dim, heads, head_dim)
         if rank not in (1, 2, 3):
             raise ValueError(f"rank must be 1, 2 or 3, got {rank=}")
         self.heads, self.head_dim, self.rank = heads, head_dim, rank

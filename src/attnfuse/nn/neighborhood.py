@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import neighborhood_attention
 
 __all__ = ["NeighborhoodAttention"]
@@ -70,12 +71,7 @@ class NeighborhoodAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if dim <= 0 or heads <= 0:
-            raise ValueError(f"dim and heads must be positive, got {dim=}, {heads=}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"dim must be divisible by heads (or pass head_dim=), got {dim=}, {heads=}")
-            head_dim = dim // heads
+        head_dim = resolve_head_dim(dim, heads, head_dim)
         if isinstance(kernel_size, (tuple, list)):
             if rank is not None and rank != len(kernel_size):
                 raise ValueError(f"rank={rank} does not match kernel_size={tuple(kernel_size)}")

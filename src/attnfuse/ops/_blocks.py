@@ -2,7 +2,9 @@
 
 All helpers act on the grid axes of a tensor laid out ``(..., *grid, *rest)``: ``start`` is the index
 of the first grid axis (2 for heads-first ``(B, H, *grid, D)`` tensors and for masks ``(B, H, *grid)``),
-``rest`` are trailing axes (``D``, or none for masks) that travel along unchanged.
+``rest`` are trailing axes (``D``, or none for masks) that travel along unchanged. The two attention
+calls those operators share are here too: :func:`attend_blocks` (one batched SDPA call over blocks,
+the fast paths) and :func:`grid_reference` (dense attention under an explicit key set, the oracles).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnfuse.ops._checks import check_qkv
+from attnfuse.ops.dense import dense_attention
+from attnfuse.ops.reference import reference_attention
 
 __all__ = [
-    "axis_coords", "blockify", "ceil_div", "check_grid_mask", "check_grid_qkv", "pad_grid", "per_axis", "unblockify", "windows",
+    "attend_blocks", "axis_coords", "blockify", "ceil_div", "check_grid_mask", "check_grid_qkv", "crop_grid", "grid_reference",
+    "pad_grid", "per_axis", "unblockify", "valid_keys", "windows",
 ]
 
 
@@ -57,6 +62,17 @@ def pad_grid(t: Tensor, pads: Sequence[tuple[int, int]], *, start: int = 2, valu
     for before, after in reversed(pads):
         flat += [before, after]
     return F.pad(t, flat, value=value)
+
+
+def crop_grid(t: Tensor, grid: Sequence[int], *, start: int = 2) -> Tensor:
+    """The leading ``grid`` part of the (end-padded) grid axes ``start .. start+len(grid)``: the inverse of end padding."""
+    return t[(*(slice(None) for _ in range(start)), *(slice(0, g) for g in grid))]
+
+
+def valid_keys(mask: Tensor | None, grid: Sequence[int], pads: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
+    """Valid-key indicator ``(B', H', *padded)``: inside the grid and allowed by ``mask (B', H', *grid)`` (all True if None)."""
+    valid = mask if mask is not None else torch.ones(1, 1, *grid, dtype=torch.bool, device=device)
+    return pad_grid(valid, pads, value=False)
 
 
 def blockify(t: Tensor, block: Sequence[int], *, start: int = 2) -> Tensor:
@@ -138,3 +154,62 @@ def check_grid_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
     if mask.dim() != len(target) or any(m not in (1, t) for m, t in zip(mask.shape, target)) or any(
             m != t for m, t in zip(mask.shape[2:], target[2:])):
         raise ValueError(f"mask must be a key mask of shape (B or 1, H or 1, *grid) = {target}, got mask.shape={tuple(mask.shape)}")
+
+
+def attend_blocks(q_blk: Tensor, k_blk: Tensor, v_blk: Tensor, *, key_mask: Tensor | None = None, bias: Tensor | None = None,
+                  scale: float | None = None) -> Tensor:
+    """Attention inside every block: one batched SDPA call, the blocks folded into the head axis.
+
+    Query block ``n`` attends only to its own key block ``n`` (a halo window, or the gathered routed
+    regions); a query whose keys are all masked gets zeros (as :func:`attnfuse.ops.dense_attention`).
+
+    Args:
+        q_blk, k_blk, v_blk: blocked queries, keys and values (see Shapes).
+        key_mask: bool, True = key takes part; ``B'`` in ``{1, B}``, ``H'`` in ``{1, H}``.
+        bias: additive score bias; ``B'`` in ``{1, B}``, ``H'`` in ``{1, H}``.
+        scale: score scale, ``1/sqrt(D)`` when None.
+
+    Shapes:
+        ``q_blk (B, H, NB, Bq, D)``, ``k_blk (B, H, NB, W, D)``, ``v_blk (B, H, NB, W, Dv)``,
+        ``key_mask (B', H', NB, W)``, ``bias (B', H', NB, Bq, W)`` -> ``(B, H, NB, Bq, Dv)``.
+    """
+    b, h, nb, bq, d = q_blk.shape
+    w, dv = k_blk.shape[3], v_blk.shape[-1]
+    mask4 = bias4 = None
+    if key_mask is not None:
+        bm = key_mask.shape[0]
+        mask4 = key_mask.expand(bm, h, nb, w).reshape(bm, h * nb, 1, w)  # (B', H*NB, 1, W)
+    if bias is not None:
+        bb = bias.shape[0]
+        bias4 = bias.expand(bb, h, nb, bq, w).reshape(bb, h * nb, bq, w)  # (B', H*NB, Bq, W)
+    out = dense_attention(
+        q_blk.reshape(b, h * nb, bq, d), k_blk.reshape(b, h * nb, w, d), v_blk.reshape(b, h * nb, w, dv),
+        mask=mask4, bias=bias4, scale=scale, backend="sdpa",
+    )  # (B, H*NB, Bq, Dv)
+    return out.reshape(b, h, nb, bq, dv)  # (B, H, NB, Bq, Dv)
+
+
+def grid_reference(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, mask: Tensor | None, bias: Tensor | None = None,
+                   scale: float | None, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """Dense reference attention over the row-major flattened grid under an explicit key set.
+
+    Args:
+        q, k, v: ``(B, H, *grid, D)``, ``(B, H, *grid, D)``, ``(B, H, *grid, Dv)``.
+        allowed: bool (query, key) pairs the operator attends, broadcastable to ``(B, H, N, N)``.
+        mask: bool key mask ``(B', H', *grid)`` combined with ``allowed``, or None.
+        bias: additive score bias broadcastable to ``(B, H, N, N)``, or None.
+        scale: score scale, ``1/sqrt(D)`` when None.
+        need_weights: return the weights too (else None in their place).
+
+    Returns:
+        ``(out (B, H, *grid, Dv), weights (B, H, N, N) or None)``.
+    """
+    b, h, *grid, d = q.shape
+    n = math.prod(grid)
+    if mask is not None:
+        allowed = allowed & mask.reshape(mask.shape[0], mask.shape[1], 1, n)  # (B', H', N, N)
+    out, weights, _ = reference_attention(
+        q.reshape(b, h, n, d), k.reshape(b, h, n, d), v.reshape(b, h, n, v.shape[-1]),  # (B, H, N, *)
+        mask=allowed, bias=bias, scale=scale,
+    )
+    return out.reshape(b, h, *grid, v.shape[-1]), (weights if need_weights else None)

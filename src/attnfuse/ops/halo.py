@@ -36,20 +36,22 @@ import torch
 from torch import Tensor
 
 from attnfuse.ops._blocks import (
+    attend_blocks,
     axis_coords,
     blockify,
     ceil_div,
     check_grid_mask,
     check_grid_qkv,
+    crop_grid,
+    grid_reference,
     pad_grid,
     per_axis,
     unblockify,
+    valid_keys,
     windows,
 )
 from attnfuse.ops._registry import register_operator
 from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
-from attnfuse.ops.dense import dense_attention
-from attnfuse.ops.reference import reference_attention
 
 __all__ = ["halo_attention", "halo_key_sets", "halo_query_blocks", "halo_relative_index", "halo_windows"]
 
@@ -120,26 +122,17 @@ def _bias5(bias: Tensor, counts: Sequence[int], bq: int, w: int) -> Tensor:
 
 
 def _reference(q, k, v, *, block, halo, mask, bias, scale, need_weights):
-    b, h, *grid, d = q.shape
-    n = math.prod(grid)
+    grid = q.shape[2:-1]
     allowed, index = halo_key_sets(grid, block, halo, q.device)  # (N, N), (3, N, N)
-    full = allowed
-    if mask is not None:
-        full = allowed & mask.reshape(mask.shape[0], mask.shape[1], 1, n)  # (B', H', N, N)
     dense_bias = None
     if bias is not None:
         counts, bq, w = halo_windows(grid, block, halo)
         dense_bias = _bias5(bias, counts, bq, w)[:, :, index[0], index[1], index[2]]  # (B', H', N, N)
-    out, weights, _ = reference_attention(
-        q.reshape(b, h, n, d), k.reshape(b, h, n, d), v.reshape(b, h, n, v.shape[-1]),  # (B, H, N, *)
-        mask=full, bias=dense_bias, scale=scale,
-    )
-    return out.reshape(b, h, *grid, v.shape[-1]), (weights if need_weights else None)
+    return grid_reference(q, k, v, allowed, mask=mask, bias=dense_bias, scale=scale, need_weights=need_weights)
 
 
 def _blocked(q, k, v, *, block, halo, mask, bias, scale, need_weights):
-    b, h, *grid, d = q.shape
-    dv = v.shape[-1]
+    grid = q.shape[2:-1]
     counts, bq, w = halo_windows(grid, block, halo)
     extra = [n * s - g for n, s, g in zip(counts, block, grid)]
     win = [s + 2 * hh for s, hh in zip(block, halo)]
@@ -147,24 +140,12 @@ def _blocked(q, k, v, *, block, halo, mask, bias, scale, need_weights):
     q_blk = blockify(pad_grid(q, [(0, e) for e in extra]), block)  # (B, H, NB, Bq, D)
     k_win = windows(pad_grid(k, kpads), win, block)  # (B, H, NB, W, D)
     v_win = windows(pad_grid(v, kpads), win, block)  # (B, H, NB, W, Dv)
-    nb = q_blk.shape[2]
     key_mask = None
     if mask is not None or any(p != (0, 0) for p in kpads):
-        valid = mask.reshape(mask.shape[:2] + tuple(grid)) if mask is not None else torch.ones(
-            1, 1, *grid, dtype=torch.bool, device=q.device)
-        valid = pad_grid(valid, kpads, value=False)  # (B', H', *padded)
-        key_mask = windows(valid, win, block)  # (B', H', NB, W)
-        key_mask = key_mask.expand(key_mask.shape[0], h, nb, w).reshape(key_mask.shape[0], h * nb, 1, w)  # (B', H*NB, 1, W)
-    bias4 = None
-    if bias is not None:
-        b5 = _bias5(bias, counts, bq, w)
-        bias4 = b5.expand(b5.shape[0], h, nb, bq, w).reshape(b5.shape[0], h * nb, bq, w)  # (B', H*NB, Bq, W)
-    out = dense_attention(
-        q_blk.reshape(b, h * nb, bq, d), k_win.reshape(b, h * nb, w, d), v_win.reshape(b, h * nb, w, dv),
-        mask=key_mask, bias=bias4, scale=scale, backend="sdpa",
-    )  # (B, H*NB, Bq, Dv)
-    out = unblockify(out.reshape(b, h, nb, bq, dv), counts, block)  # (B, H, *padded, Dv)
-    return out[(slice(None), slice(None), *(slice(0, g) for g in grid))], None
+        key_mask = windows(valid_keys(mask, grid, kpads, q.device), win, block)  # (B', H', NB, W)
+    b5 = None if bias is None else _bias5(bias, counts, bq, w)  # (B', H', NB, Bq, W)
+    out = attend_blocks(q_blk, k_win, v_win, key_mask=key_mask, bias=b5, scale=scale)  # (B, H, NB, Bq, Dv)
+    return crop_grid(unblockify(out, counts, block), grid), None  # (B, H, *grid, Dv)
 
 
 BACKENDS["halo"] = (

@@ -43,11 +43,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnfuse.ops._blocks import axis_coords, blockify, ceil_div, check_grid_mask, check_grid_qkv, pad_grid, per_axis, unblockify
+from attnfuse.ops._blocks import (
+    attend_blocks,
+    axis_coords,
+    blockify,
+    ceil_div,
+    check_grid_mask,
+    check_grid_qkv,
+    crop_grid,
+    grid_reference,
+    pad_grid,
+    per_axis,
+    unblockify,
+    valid_keys,
+)
 from attnfuse.ops._registry import register_operator
 from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
-from attnfuse.ops.dense import dense_attention
-from attnfuse.ops.reference import reference_attention
 
 __all__ = ["route_regions", "routing_attention"]
 
@@ -56,12 +67,6 @@ def _layout(grid: Sequence[int], regions: Sequence[int]) -> tuple[tuple[int, ...
     size = tuple(ceil_div(g, n) for g, n in zip(grid, regions))
     pads = [(0, n * s - g) for g, n, s in zip(grid, regions, size)]
     return size, pads
-
-
-def _valid(mask: Tensor | None, grid: Sequence[int], pads, device) -> Tensor:
-    """Valid-key indicator ``(B', H', *padded)``: inside the grid and allowed by ``mask``."""
-    valid = mask if mask is not None else torch.ones(1, 1, *grid, dtype=torch.bool, device=device)
-    return pad_grid(valid, pads, value=False)
 
 
 def route_regions(q: Tensor, k: Tensor, regions: Sequence[int], topk: int, mask: Tensor | None = None) -> Tensor:
@@ -81,7 +86,7 @@ def route_regions(q: Tensor, k: Tensor, regions: Sequence[int], topk: int, mask:
     with torch.no_grad():
         if q.dtype in (torch.float16, torch.bfloat16):  # rank regions in float32, as the reference computes
             q, k = q.float(), k.float()
-        w = blockify(_valid(mask, grid, pads, q.device), size).to(q.dtype)  # (B', H', R, T)
+        w = blockify(valid_keys(mask, grid, pads, q.device), size).to(q.dtype)  # (B', H', R, T)
         count = w.sum(-1, keepdim=True)  # (B', H', R, 1)
         q_reg = (blockify(pad_grid(q, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
         k_reg = (blockify(pad_grid(k, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
@@ -92,7 +97,7 @@ def route_regions(q: Tensor, k: Tensor, regions: Sequence[int], topk: int, mask:
 
 
 def _reference(q, k, v, *, regions, idx, mask, scale, need_weights):
-    b, h, *grid, d = q.shape
+    grid = q.shape[2:-1]
     n = q[0, 0, ..., 0].numel()
     size = tuple(ceil_div(g, r) for g, r in zip(grid, regions))
     c = axis_coords(grid, q.device)  # (N, k)
@@ -100,13 +105,8 @@ def _reference(q, k, v, *, regions, idx, mask, scale, need_weights):
     for a in range(len(grid)):  # row-major region number of every position
         region = region * regions[a] + c[:, a] // size[a]
     routed = idx[:, region]  # (B, N, topk) key regions of each query's region
-    allowed = (routed.unsqueeze(2) == region.view(1, 1, n, 1)).any(-1)  # (B, N, N): key j's region is routed
-    allowed = allowed.unsqueeze(1)  # (B, 1, N, N)
-    if mask is not None:
-        allowed = allowed & mask.reshape(mask.shape[0], mask.shape[1], 1, n)  # (B, H', N, N)
-    out, weights, _ = reference_attention(
-        q.reshape(b, h, n, d), k.reshape(b, h, n, d), v.reshape(b, h, n, v.shape[-1]), mask=allowed, scale=scale)
-    return out.reshape(b, h, *grid, v.shape[-1]), (weights if need_weights else None)
+    allowed = (routed.unsqueeze(2) == region.view(1, 1, n, 1)).any(-1).unsqueeze(1)  # (B, 1, N, N): key j's region is routed
+    return grid_reference(q, k, v, allowed, mask=mask, scale=scale, need_weights=need_weights)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -124,8 +124,7 @@ def _gather(x: Tensor, idx: Tensor) -> Tensor:
 
 
 def _gathered(q, k, v, *, regions, idx, mask, scale, need_weights):
-    b, h, *grid, d = q.shape
-    dv = v.shape[-1]
+    b, grid = q.shape[0], q.shape[2:-1]
     size, pads = _layout(grid, regions)
     q_reg = blockify(pad_grid(q, pads), size)  # (B, H, R, T, D)
     r, t = q_reg.shape[2], q_reg.shape[3]
@@ -133,16 +132,11 @@ def _gathered(q, k, v, *, regions, idx, mask, scale, need_weights):
     v_sel = _gather(blockify(pad_grid(v, pads), size), idx)  # (B, H, R, k*T, Dv)
     key_mask = None
     if mask is not None or any(p != (0, 0) for p in pads):
-        valid = blockify(_valid(mask, grid, pads, q.device), size)  # (B', H', R, T)
+        valid = blockify(valid_keys(mask, grid, pads, q.device), size)  # (B', H', R, T)
         hv = valid.shape[1]
-        valid = _gather(valid.expand(b, hv, r, t).unsqueeze(-1), idx)  # (B, H', R, k*T, 1)
-        key_mask = valid.squeeze(-1).expand(b, h, r, -1).reshape(b, h * r, 1, -1)  # (B, H*R, 1, k*T)
-    out = dense_attention(
-        q_reg.reshape(b, h * r, t, d), k_sel.reshape(b, h * r, -1, d), v_sel.reshape(b, h * r, -1, dv),
-        mask=key_mask, scale=scale, backend="sdpa",
-    )  # (B, H*R, T, Dv)
-    out = unblockify(out.reshape(b, h, r, t, dv), regions, size)  # (B, H, *padded, Dv)
-    return out[(slice(None), slice(None), *(slice(0, g) for g in grid))], None
+        key_mask = _gather(valid.expand(b, hv, r, t).unsqueeze(-1), idx).squeeze(-1)  # (B, H', R, k*T)
+    out = attend_blocks(q_reg, k_sel, v_sel, key_mask=key_mask, scale=scale)  # (B, H, R, T, Dv)
+    return crop_grid(unblockify(out, regions, size), grid), None  # (B, H, *grid, Dv)
 
 
 BACKENDS["routing"] = (
