@@ -147,3 +147,12 @@ def test_save_load_roundtrip(df, tmp_path):
         np.testing.assert_array_equal(a.values[name], b.values[name])
     np.testing.assert_array_equal(a.target, b.target)
     assert again.schema == pre.schema and again.classes == pre.classes
+
+
+def test_input_missing_in_every_training_row_is_a_schema_error():
+    from attnfuse.data import SchemaError, TablePreprocessor, make_synthetic_table
+
+    df, schema = make_synthetic_table(60, seed=0, missing_rate=0.0)
+    df["num_3"] = float("nan")
+    with pytest.raises(SchemaError, match="num_3"):
+        TablePreprocessor.fit(df, schema)

@@ -325,3 +325,28 @@ def test_registry_declarations():
 
 def test_encoder_used_inside_fusion_is_standard():
     assert isinstance(EarlyFusion(SOURCES, D, heads=2, depth=1).encoder, Encoder)
+
+
+def test_reserved_source_names_are_rejected():
+    for bad in ("fusion", "cross", "latent", "self"):
+        with pytest.raises(ValueError, match="reserved"):
+            EarlyFusion([bad, "b"], D, heads=2, depth=1)
+
+
+def test_zero_token_source_with_missing_token_equals_absent():
+    fusion = EarlyFusion(SOURCES, D, heads=2, depth=1, missing_token=True).eval()
+    inputs = make_inputs()
+    empty = dict(inputs, b=TokenSet(torch.randn(3, 0, D)))
+    absent = {k: v for k, v in inputs.items() if k != "b"}
+    torch.testing.assert_close(fusion(empty).fused.x, fusion(absent).fused.x)
+
+
+def test_cross_attention_rejects_missing_token_with_split_key_value_sources():
+    with pytest.raises(ValueError, match="missing_token"):
+        CrossAttentionFusion(["q", "k", "v"], D, heads=2, query="q", key="k", value="v", missing_token=True)
+
+
+def test_fusion_token_attends_flags():
+    assert EarlyFusion(SOURCES, D, heads=2, depth=1).fusion_token_attends
+    assert not LateFusion(SOURCES, D, heads=2, depth=1).fusion_token_attends
+    assert LatentBottleneck.fusion_token_attends and CrossAttentionFusion.fusion_token_attends

@@ -179,3 +179,13 @@ def test_masked_tokens_do_not_change_valid_outputs():
     torch.testing.assert_close(out[mask], out2[mask])
     # padded tokens == deleted tokens
     torch.testing.assert_close(out[1, :3], enc(x[1:, :3])[0])
+
+
+def test_causal_query_without_any_visible_key_gets_zero_update():
+    torch.manual_seed(0)
+    attn = Attention(8, 2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])  # left padding in sample 0
+    out = attn(x, mask=mask, is_causal=True)
+    assert torch.equal(out[0, :2], torch.zeros(2, 8)), "queries 0, 1 see only padded keys"
+    assert (out[0, 2:].abs().sum(-1) > 0).all() and (out[1].abs().sum(-1) > 0).all()

@@ -114,5 +114,16 @@ def test_ddp_on_cpu_with_two_processes(table_config):
     result = _run_cli("fit", "--config", str(cfg), "--trainer.strategy", "ddp", "--trainer.devices", "2",
                       "--trainer.accelerator", "cpu", cwd=table_config.tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert any(list((run / "checkpoints").glob("*.ckpt")) for run in _version_dirs(table_config.tmp))
+    ckpts = [c for run in _version_dirs(table_config.tmp) for c in (run / "checkpoints").glob("*.ckpt")]
+    assert ckpts
     assert "ddp" in result.stderr.lower() or "distributed" in result.stderr.lower()
+    # predict with 2 processes: every row once, gathered on rank 0
+    new = table_config.df.drop(columns=["y"]).head(21)
+    new_path = table_config.tmp / "new.csv"
+    new.to_csv(new_path, index=False)
+    out = table_config.tmp / "ddp_pred.csv"
+    result = _run_cli("predict", "--config", str(cfg), "--ckpt_path", str(ckpts[0]), "--data.predict_path", str(new_path),
+                      "--output", str(out), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                      "--trainer.accelerator", "cpu", cwd=table_config.tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(pd.read_csv(out)["row"]) == list(range(21))

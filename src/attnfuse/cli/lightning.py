@@ -45,7 +45,15 @@ class PredictionWriter(BasePredictionWriter):
                 for j, name in enumerate(out["attention_names"]):
                     frame[f"attention_{name}"] = out["attention"][:, j].numpy()
             rows.append(frame)
-        table = pd.concat(rows, ignore_index=True).sort_values("row")
+        table = pd.concat(rows, ignore_index=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            # every rank predicted a shard (the distributed sampler pads with repeats): gather on rank 0
+            shards = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shards, table)
+            if not trainer.is_global_zero:
+                return
+            table = pd.concat(shards, ignore_index=True).drop_duplicates("row")
+        table = table.sort_values("row")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.suffix == ".csv":
             table.to_csv(self.path, index=False)
@@ -61,14 +69,23 @@ class AttnfuseCLI(LightningCLI):
         parser.link_arguments("data.encoder_configs", "model.encoder_configs", apply_on="instantiate")
         parser.link_arguments("data.num_outputs", "model.num_outputs", apply_on="instantiate")
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.link_arguments("data.target_scale", "model.target_scale", apply_on="instantiate")
         parser.add_argument("--output", type=str | None, default=None,
                             help="predict: write predictions to this .csv or .parquet file")
         parser.add_argument("--attention", type=bool, default=False,
                             help="predict: add each input's share of the fusion token's attention")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        # evaluate / predict with the preprocessing saved beside the checkpoint (never re-fitted), so a
+        # moved or changed training table cannot silently change the inputs the model sees
+        ckpt = config.get("ckpt_path")
+        if self.subcommand in ("validate", "test", "predict") and ckpt and not config.data.get("preprocessor"):
+            saved = Path(ckpt).resolve().parent.parent / "preprocessor.json"
+            if saved.is_file():
+                config.data.preprocessor = str(saved)
         # a rich progress bar by default (unless the user disabled the bar or chose one)
-        trainer = self.config[self.subcommand].trainer
+        trainer = config.trainer
         callbacks = list(trainer.callbacks or [])
         has_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if trainer.enable_progress_bar is not False and not has_bar and _rich_available():

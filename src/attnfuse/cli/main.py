@@ -52,6 +52,8 @@ def _describe(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from attnfuse.train.demo import run_demo
 
+    if args.seeds < 1 or args.epochs < 1:
+        raise ValueError(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
     seeds = tuple(range(args.seeds))
     run_demo(out_dir=args.out, seeds=seeds, max_epochs=args.epochs, dataset=args.dataset)
     return 0
@@ -63,10 +65,15 @@ def _seeds(args: argparse.Namespace) -> int:
 
     from attnfuse.train.seeds import run_seeds
 
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     try:
-        config = yaml.safe_load(open(args.config))
+        with open(args.config) as f:
+            config = yaml.safe_load(f)
     except OSError as err:
         raise FileNotFoundError(f"cannot read --config {args.config!r}: {err.strerror}") from None
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"--config {args.config!r} must hold a mapping with data / model / trainer sections")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_seeds(config or {}, list(range(args.seeds)), max_missing=args.max_missing, max_epochs=args.epochs,
@@ -86,9 +93,31 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    import yaml
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from attnfuse.data import DatasetUnavailableError, SchemaError
 
-    return (ValueError, KeyError, TypeError, FileNotFoundError, DatasetUnavailableError, SchemaError)
+    return (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError, DatasetUnavailableError, SchemaError,
+            pickle.UnpicklingError, MisconfigurationException, yaml.YAMLError, CheckpointMismatchError)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that does not fit the model built from this config / data."""
+
+
+def _explain(err: BaseException) -> BaseException:
+    """Turn torch's state-dict mismatch into a user error that says what to check."""
+    msg = str(err)
+    if isinstance(err, RuntimeError) and ("Error(s) in loading state_dict" in msg or "size mismatch" in msg):
+        first = next((line.strip() for line in msg.splitlines() if "size mismatch" in line or "Missing key" in line), msg[:200])
+        return CheckpointMismatchError(
+            f"the checkpoint does not fit the model built from this config and data ({first}); use the config and "
+            "data (or the preprocessor.json) of the run that wrote the checkpoint"
+        )
+    return err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         from attnfuse.cli.lightning import run_lightning
 
         try:
-            return run_lightning(None if from_sys else argv)
+            try:
+                return run_lightning(None if from_sys else argv)
+            except RuntimeError as err:
+                raise _explain(err) from err
         except _user_errors() as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err
             print(f"attnfuse {argv[0]}: error: {msg}", file=sys.stderr)

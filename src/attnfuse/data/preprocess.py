@@ -169,6 +169,12 @@ class TablePreprocessor:
                 block = sub[list(spec.columns)].to_numpy(dtype=np.float64, na_value=np.nan)
                 ok = ~np.isnan(block).any(axis=1) if spec.nan_policy == "missing" else np.ones(len(block), bool)
                 good = block[ok]
+                if len(block) and not len(good):
+                    bad = [c for c in spec.columns if sub[c].isna().all()]
+                    raise SchemaError(
+                        f"input {spec.name!r} is missing in every training row (all-empty column(s) {bad or list(spec.columns)}): "
+                        "drop those columns from the input, or the input from the schema"
+                    )
                 if standardize and len(good):
                     mean = np.nanmean(good, axis=0)
                     std = np.nanstd(good, axis=0)

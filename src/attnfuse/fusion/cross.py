@@ -65,6 +65,8 @@ class CrossAttentionFusion(nn.Module):
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    #: the first output token (a fusion token / latent) attends to the inputs
+    fusion_token_attends: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -98,6 +100,11 @@ class CrossAttentionFusion(nn.Module):
                 raise ValueError(f"source {name!r} is not among sources={list(sources)}")
         if query in keys:
             raise ValueError(f"query source {query!r} cannot also be a key source; use self-attention fusion")
+        if missing_token and any(k != v for k, v in zip(keys, values)):
+            raise ValueError(
+                "missing_token=True is not supported when keys and values come from different sources "
+                f"(key={keys}, value={values}): a missing token has no aligned partner; use missing_token=False"
+            )
         if depth < 1 or num_fusion_tokens < 1:
             raise ValueError(f"depth and num_fusion_tokens must be >= 1, got {depth=}, {num_fusion_tokens=}")
         dd = {"device": device, "dtype": dtype}

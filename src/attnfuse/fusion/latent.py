@@ -51,6 +51,8 @@ class LatentBottleneck(nn.Module):
 
     symmetry: ClassVar[str] = "invariant"
     has_parameters: ClassVar[bool] = True
+    #: the first output token (a fusion token / latent) attends to the inputs
+    fusion_token_attends: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -22,7 +22,11 @@ from torch import Tensor, nn
 
 from attnfuse.tokens import TokenSet
 
-__all__ = ["FusionOutput", "PreparedSource", "SourceEmbedding"]
+__all__ = ["RESERVED_NAMES", "FusionOutput", "PreparedSource", "SourceEmbedding"]
+
+#: names a source may not take: they key the fusion tokens in ``FusionOutput.layout`` and the
+#: cross-source / latent / self-attention maps in ``FusionOutput.weights``
+RESERVED_NAMES = frozenset({"fusion", "cross", "latent", "self"})
 
 
 @dataclass
@@ -84,6 +88,10 @@ class SourceEmbedding(nn.Module):
         names = list(sources)
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"sources must be distinct non-empty names, got {sources!r}")
+        reserved = sorted(set(names) & RESERVED_NAMES)
+        if reserved:
+            raise ValueError(f"source names {reserved} are reserved (they name fusion tokens / attention maps): "
+                             f"rename them; reserved: {sorted(RESERVED_NAMES)}")
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
         if type_embedding not in ("learned", "zeros", None):
@@ -130,7 +138,11 @@ class SourceEmbedding(nn.Module):
         ref = next(iter(inputs.values())).x
         prepared = []
         for i, name in enumerate(self.sources):
-            if name in inputs:
+            if name in inputs and inputs[name].x.shape[1:-1].numel() == 0 and self.missing is not None:
+                # a source with no token positions at all: the same as absent
+                x = self.missing[i].to(ref.dtype).expand(batch, 1, self.dim)
+                mask = torch.ones(batch, 1, dtype=torch.bool, device=ref.device)
+            elif name in inputs:
                 ts = inputs[name].flatten()
                 x, mask = ts.x, ts.valid()
                 mask = mask.to(x.device)

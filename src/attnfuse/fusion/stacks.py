@@ -93,6 +93,11 @@ class HierarchicalFusion(nn.Module):
     def sources(self) -> tuple[str, ...]:
         return self.embed.sources
 
+    @property
+    def fusion_token_attends(self) -> bool:
+        """Whether the fusion tokens see the inputs (False for late fusion: they are constants)."""
+        return self.encoder.depth > 0
+
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Fuse ``inputs``; see the class docstring. Maps are keyed ``"<source>.<i>"`` and ``"cross.<i>"``."""
         prepared = self.embed(inputs)

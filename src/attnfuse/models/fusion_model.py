@@ -114,7 +114,7 @@ def build_fusion_model(
     fusion: str = "early",
     dim: int = 64,
     heads: int = 4,
-    pooling: Literal["mean", "fusion", "cls", "attention"] = "fusion",
+    pooling: Literal["auto", "mean", "fusion", "cls", "attention"] = "auto",
     dropout: float = 0.1,
     fusion_options: Mapping[str, Any] | None = None,
     encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -127,13 +127,16 @@ def build_fusion_model(
         task: ``"classification"`` or ``"regression"``.
         fusion: a registered fusion name (``attnfuse list``) or ``"concat_mlp"`` for the baseline.
         dim, heads: token width and attention heads.
-        pooling: head pooling.
+        pooling: head pooling; ``"auto"`` reads the fusion token when the fusion module lets it
+            attend to the inputs (``fusion_token_attends``), else averages the valid tokens.
         dropout: dropout in fusion and head.
         fusion_options: extra constructor arguments of the fusion class (e.g. ``{"depth": 2}``).
         encoder_options: extra encoder arguments by input kind, e.g. ``{"vector": {"num_tokens": 2}}``.
 
     Raises:
         KeyError: unknown fusion name (listing registered ones).
+        ValueError: ``pooling="fusion"`` with a fusion whose fusion token sees no input (e.g. late
+            fusion, where it is a learned constant and the model could only predict the prior).
     """
     if fusion == "concat_mlp":
         return ConcatMLP(encoder_configs, num_outputs, hidden=2 * dim, dropout=dropout)
@@ -146,6 +149,14 @@ def build_fusion_model(
         encoders[name] = create_encoder(kind, dim=dim, **cfg, **extra.get(kind, {}))
     options = {"heads": heads, "dropout": dropout, **dict(fusion_options or {})}
     fusion_module = cls(list(encoder_configs), dim, **options)
+    attends = bool(getattr(fusion_module, "fusion_token_attends", False))
+    if pooling == "auto":
+        pooling = "fusion" if attends else "mean"
+    elif pooling in ("fusion", "cls") and not attends:
+        raise ValueError(
+            f"pooling={pooling!r} reads the fusion token, but in fusion={fusion!r} it attends to no input "
+            "(a learned constant): use pooling 'mean' or 'attention' (or 'auto')"
+        )
     head_cls = ClassificationHead if task == "classification" else RegressionHead
     head = head_cls(dim, num_outputs, pooling=pooling, dropout=dropout)
     return FusionModel(encoders, fusion_module, head)

@@ -139,6 +139,18 @@ class Attention(nn.Module):
         out = out.reshape(*x.shape[:-1], self.heads * self.head_dim)  # (B, *tokens, H*Dh)
         out = self.dropout(self.proj(out))
         if key_mask is not None:
-            has_key = key_mask.reshape(key_mask.shape[0], -1).any(dim=1)  # (B,)
-            out = out * has_key.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+            flat = key_mask.reshape(key_mask.shape[0], -1)  # (B, S)
+            if is_causal and self.spec.layout == "sequence":
+                # query i sees keys j <= i (top-left aligned): it has a key iff one of them is valid
+                seen = flat.cumsum(dim=1) > 0  # (B, S)
+                n_q = out.reshape(out.shape[0], -1, out.shape[-1]).shape[1]
+                idx = torch.arange(n_q, device=out.device).clamp(max=flat.shape[1] - 1)
+                if flat.shape[1] > 0:
+                    has_key = seen[:, idx]  # (B, L)
+                else:
+                    has_key = torch.zeros(flat.shape[0], n_q, dtype=torch.bool, device=out.device)
+                out = out * has_key.reshape(*out.shape[:-1], 1).to(out.dtype)
+            else:
+                has_key = flat.any(dim=1)  # (B,)
+                out = out * has_key.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)
         return (out, weights) if return_weights else out

@@ -69,6 +69,9 @@ class FusionDataModule(pl.LightningDataModule):
         missing: inputs marked missing in the test / predict data, e.g. ``["fou"]``.
         predict_path: a new CSV/Parquet table to predict (same columns; the target and whole inputs
             may be absent); default the test split.
+        preprocessor: a run's saved ``preprocessor.json`` to use instead of fitting one (the CLI sets it
+            from the checkpoint's run folder for validate / test / predict), so predictions do not
+            depend on the training table still being there or unchanged.
         run_dir: where to save ``split.json`` and ``preprocessor.json`` for the run.
         num_workers: DataLoader workers.
     """
@@ -86,6 +89,7 @@ class FusionDataModule(pl.LightningDataModule):
         standardize: bool = True,
         missing: list[str] | None = None,
         predict_path: str | None = None,
+        preprocessor: str | None = None,
         run_dir: str | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -95,6 +99,18 @@ class FusionDataModule(pl.LightningDataModule):
         self.encoded: EncodedTable | None = None
         self.preprocessor: TablePreprocessor | None = None
         self.split = None
+
+    def _ensure_preprocessor(self) -> None:
+        """The preprocessing: loaded from ``preprocessor`` when given (never re-fitted), else fitted."""
+        if self.preprocessor is not None:
+            return
+        if self.hparams.preprocessor:
+            path = Path(self.hparams.preprocessor)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.preprocessor: no such file {str(path)!r} (a run's preprocessor.json)")
+            self.preprocessor = TablePreprocessor.load(path)
+            return
+        self._load()
 
     def _load(self) -> None:
         if self.encoded is not None:
@@ -117,8 +133,11 @@ class FusionDataModule(pl.LightningDataModule):
         labels = frame[schema.target].to_numpy() if schema.task == "classification" else None
         self.split = make_split(len(frame), val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
                                 stratify=labels)
-        self.preprocessor = TablePreprocessor.fit(frame, schema, arrays=source.arrays, rows=self.split["train"],
-                                                  standardize=hp.standardize)
+        if self.preprocessor is None and hp.preprocessor:
+            self._ensure_preprocessor()
+        if self.preprocessor is None:
+            self.preprocessor = TablePreprocessor.fit(frame, schema, arrays=source.arrays, rows=self.split["train"],
+                                                      standardize=hp.standardize)
         self.encoded = self.preprocessor.transform(frame, arrays=source.arrays)
         self.source = source
         if hp.run_dir:
@@ -135,26 +154,46 @@ class FusionDataModule(pl.LightningDataModule):
     # properties linked into the model by the CLI
     @property
     def encoder_configs(self) -> dict[str, dict[str, Any]]:
-        self._load()
+        self._ensure_preprocessor()
         return self.preprocessor.encoder_configs()
 
     @property
     def num_outputs(self) -> int:
-        self._load()
+        self._ensure_preprocessor()
         return self.preprocessor.num_classes if self.task == "classification" else 1
 
     @property
     def task(self) -> str:
-        self._load()
+        self._ensure_preprocessor()
         return self.preprocessor.schema.task
 
     @property
     def input_names(self) -> list[str]:
-        self._load()
+        self._ensure_preprocessor()
         return [s.name for s in self.preprocessor.schema.inputs]
 
-    def setup(self, stage: str | None = None) -> None:
+    @property
+    def target_scale(self) -> tuple[float, float] | None:
+        """Regression: ``(mean, std)`` of the target over the train rows (the model learns the scaled target)."""
+        self._ensure_preprocessor()
+        if self.task != "regression":
+            return None
+        stats = self.preprocessor.stats.get("__target__")
+        if stats is not None:  # a preprocessor saved by a run carries its target scale
+            return float(stats[0][0]), float(stats[1][0])
         self._load()
+        y = np.asarray(self.encoded.target, dtype=np.float64)[self.split["train"]]
+        y = y[np.isfinite(y)]
+        mean, std = (float(y.mean()), float(y.std())) if len(y) else (0.0, 1.0)
+        std = std if std > 1e-12 else 1.0
+        self.preprocessor.stats["__target__"] = ([mean], [std])
+        return mean, std
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_path:
+            self._ensure_preprocessor()  # a new table: the training table is not needed
+        else:
+            self._load()
 
     def dataset(self, part: str, *, missing: list[str] | tuple[str, ...] | None = None) -> TableDataset:
         """The ``"train"``, ``"val"`` or ``"test"`` rows, optionally with inputs marked missing."""
@@ -167,7 +206,7 @@ class FusionDataModule(pl.LightningDataModule):
 
     def predict_dataset(self) -> TableDataset:
         """Rows of ``predict_path`` (or the test split), preprocessed as the training rows were."""
-        self._load()
+        self._ensure_preprocessor()
         path = self.hparams.predict_path
         if not path:
             return self.dataset("test")

@@ -45,7 +45,8 @@ def fit_and_test(
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     data.setup("fit")
-    task = FusionTask(encoder_configs=data.encoder_configs, num_outputs=data.num_outputs, task=data.task, **dict(model))
+    task = FusionTask(encoder_configs=data.encoder_configs, num_outputs=data.num_outputs, task=data.task,
+                      target_scale=data.target_scale, **dict(model))
     logger = pl.loggers.CSVLogger(str(out_dir), name="", version="") if out_dir else False
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, devices=1, deterministic=True, logger=logger,
@@ -59,8 +60,12 @@ def fit_and_test(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], *, task: str, num_outputs: int) -> dict[str, float]:
-    """Metrics of ``model`` (in eval mode) over the batches of ``loader``: acc/f1/auroc or mae/rmse/r2."""
+def evaluate(model: nn.Module, loader: Iterable[dict], *, task: str, num_outputs: int,
+             target_scale: tuple[float, float] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` (in eval mode) over the batches of ``loader``: acc/f1/auroc or mae/rmse/r2.
+
+    ``target_scale``: regression ``(mean, std)`` the model's standardised outputs are mapped back with.
+    """
     was_training = model.training
     model.eval()
     metrics = make_metrics(task, num_outputs)
@@ -70,7 +75,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], *, task: str, num_outputs
             prob = pred.softmax(-1)
             metrics.update(prob[:, 1] if num_outputs == 2 else prob, batch["target"].long())
         else:
-            metrics.update(pred.squeeze(-1), batch["target"].to(pred.dtype))
+            scale = target_scale or (0.0, 1.0)
+            metrics.update(pred.squeeze(-1) * scale[1] + scale[0], batch["target"].to(pred.dtype))
     model.train(was_training)
     return {k: float(v) for k, v in metrics.compute().items()}
 
@@ -90,7 +96,7 @@ def missing_input_sweep(
     for m in range(limit + 1):
         for subset in itertools.combinations(names, m):
             loader = data.loader(data.dataset(part, missing=list(subset)))
-            metrics = evaluate(model, loader, task=data.task, num_outputs=data.num_outputs)
+            metrics = evaluate(model, loader, task=data.task, num_outputs=data.num_outputs, target_scale=data.target_scale)
             records.append({"missing": subset, "num_missing": m, **metrics})
     return records
 

@@ -11,6 +11,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from attnfuse.fusion import HierarchicalFusion, LatentBottleneck
 from attnfuse.models.fusion_model import build_fusion_model
 
 __all__ = ["FusionTask", "make_metrics"]
@@ -54,7 +55,9 @@ class FusionTask(pl.LightningModule):
         task: ``"classification"`` or ``"regression"``.
         fusion: registered fusion name or ``"concat_mlp"``.
         dim, heads, pooling, dropout, fusion_options, encoder_options: see ``build_fusion_model``.
-        lr, weight_decay: AdamW settings; cosine decay over the trainer's max epochs.
+        lr, weight_decay: AdamW settings; cosine decay over all optimiser steps of the run.
+        target_scale: regression: ``(mean, std)`` of the train targets (linked from the data module);
+            the model learns the standardised target, metrics and predictions are in target units.
         model: a ready model (overrides the builder arguments).
     """
 
@@ -67,12 +70,13 @@ class FusionTask(pl.LightningModule):
         fusion: str = "early",
         dim: int = 64,
         heads: int = 4,
-        pooling: Literal["mean", "fusion", "cls", "attention"] = "fusion",
+        pooling: Literal["auto", "mean", "fusion", "cls", "attention"] = "auto",
         dropout: float = 0.1,
         fusion_options: dict[str, Any] | None = None,
         encoder_options: dict[str, dict[str, Any]] | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
+        target_scale: tuple[float, float] | None = None,
         model: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -84,6 +88,9 @@ class FusionTask(pl.LightningModule):
                                        pooling=pooling, dropout=dropout, fusion_options=fusion_options,
                                        encoder_options=encoder_options)
         self.model, self.task, self.num_outputs = model, task, num_outputs
+        self.target_scale = tuple(target_scale) if target_scale is not None else (0.0, 1.0)
+        if self.target_scale[1] <= 0:
+            raise ValueError(f"target_scale std must be > 0, got {target_scale}")
         metrics = make_metrics(task, num_outputs)
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
@@ -94,24 +101,28 @@ class FusionTask(pl.LightningModule):
     def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.task == "classification":
             return nn.functional.cross_entropy(pred, target.long())
-        return nn.functional.mse_loss(pred.squeeze(-1) if self.num_outputs == 1 else pred, target.to(pred.dtype))
+        mean, std = self.target_scale
+        scaled = (target.to(pred.dtype) - mean) / std  # the model predicts the standardised target
+        return nn.functional.mse_loss(pred.squeeze(-1) if self.num_outputs == 1 else pred, scaled)
 
     def _scores(self, pred: Tensor) -> Tensor:
         if self.task == "classification":
             prob = pred.softmax(-1)
             return prob[:, 1] if self.num_outputs == 2 else prob
+        mean, std = self.target_scale
+        pred = pred * std + mean  # back to the target's units
         return pred.squeeze(-1) if self.num_outputs == 1 else pred
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         pred = self(batch["inputs"])
         loss = self._loss(pred, batch["target"])
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=pred.shape[0])
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=pred.shape[0], sync_dist=True)
         return loss
 
     def _eval_step(self, batch: dict, metrics: torchmetrics.MetricCollection, stage: str) -> None:
         pred = self(batch["inputs"])
         target = batch["target"]
-        self.log(f"{stage}_loss", self._loss(pred, target), prog_bar=True, batch_size=pred.shape[0])
+        self.log(f"{stage}_loss", self._loss(pred, target), prog_bar=True, batch_size=pred.shape[0], sync_dist=True)
         metrics.update(self._scores(pred), target.long() if self.task == "classification" else target)
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=pred.shape[0])
 
@@ -137,19 +148,28 @@ class FusionTask(pl.LightningModule):
         """Share of the fusion token's attention going to each input, averaged over layers and heads.
 
         Returns:
-            ``(names, share (B, n_inputs))``; rows sum to at most 1 (the rest goes to fusion tokens).
+            ``(names, share (B, n_inputs))``: for early / hierarchical fusion the fusion token's attention
+            (averaged over cross-source layers and heads; rows sum to at most 1, the rest goes to the
+            fusion tokens), for latent fusion the latents' attention over the inputs; zeros for late
+            fusion, whose fusion token attends to nothing.
 
         Raises:
-            ValueError: the model has no attention maps with a fusion-token layout (e.g. concat_mlp).
+            ValueError: another fusion module (e.g. concat_mlp, cross).
         """
-        if not hasattr(self.model, "fusion"):
-            raise ValueError(f"fusion={self.hparams.fusion!r} has no attention maps to report")
+        fusion = getattr(self.model, "fusion", None)
+        if not isinstance(fusion, HierarchicalFusion | LatentBottleneck):
+            raise ValueError(
+                f"per-input attention is reported for early / late / hierarchical / latent fusion, not fusion={self.hparams.fusion!r}"
+            )
         _, out = self.model(inputs, return_weights=True)
-        maps = [w for w in out.weights.values() if w.dim() == 4 and w.shape[-1] == out.fused.x.shape[1] and w.shape[-2] > 0]
         names = [n for n in out.layout if n != "fusion"]
-        if not maps or not names:
-            raise ValueError(f"fusion={self.hparams.fusion!r} returns no fusion-token attention maps")
-        row = torch.stack([w[:, :, 0] for w in maps]).mean(dim=(0, 2))  # (B, N): fusion token's attention
+        if isinstance(fusion, LatentBottleneck):
+            row = out.weights["cross"].mean(dim=(1, 2))  # (B, S): latents' attention over the input tokens
+        else:
+            maps = [w for k, w in out.weights.items() if k.startswith("cross.")]
+            if not maps:  # late fusion: the fusion token attends to nothing
+                return names, torch.zeros(out.fused.x.shape[0], len(names), device=out.fused.x.device)
+            row = torch.stack([w[:, :, 0] for w in maps]).mean(dim=(0, 2))  # (B, N): fusion token's attention
         return names, torch.stack([row[:, a:b].sum(-1) for n, (a, b) in out.layout.items() if n != "fusion"], dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -171,6 +191,7 @@ class FusionTask(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return {"optimizer": opt, "lr_scheduler": sched}
+        # cosine decay over every optimiser step of the run (works for max_epochs and max_steps alike)
+        steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
