@@ -82,6 +82,17 @@ def _seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError:
+        raise FileNotFoundError(
+            "the benchmarks live in the attnfuse repository (benchmarks/): run `attnfuse bench` (or `make bench`) "
+            "from the repository root"
+        ) from None
+    return bench_main(args.bench_args)
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from attnfuse.cli.quickstart import run_quickstart
 
@@ -142,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"attnfuse {argv[0]}: error: {msg}", file=sys.stderr)
             return 2
     parser = argparse.ArgumentParser(prog="attnfuse", description="Attention operators and attention fusion.")
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark runner
+        try:
+            return _bench(argparse.Namespace(bench_args=argv[1:]))
+        except FileNotFoundError as err:
+            print(f"attnfuse bench: error: {err}", file=sys.stderr)
+            return 2
     parser.epilog = "Lightning subcommands: " + ", ".join(LIGHTNING_COMMANDS) + " (see `attnfuse fit --help`)."
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered operators and fusion modules").set_defaults(fn=_list)
@@ -162,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for small models)")
     p.add_argument("--out", default=None, help="folder for seeds.md")
     p.set_defaults(fn=_seeds)
+    p = sub.add_parser("bench", help="operator speed benchmarks (from the repository root); e.g. bench --quick --only dense")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks.run")
+    p.set_defaults(fn=_bench)
     p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
