@@ -180,6 +180,8 @@ class FusionTask(pl.LightningModule):
             "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["attnfuse_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("attnfuse_rng")
@@ -188,6 +190,8 @@ class FusionTask(pl.LightningModule):
             random.setstate(state["python"])
             keys, pos, has_gauss, gauss = state["numpy"]
             np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
