@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["TokenSet"]
+__all__ = ["TokenSet", "zero_invalid"]
+
+
+def zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
+    """Set invalid tokens to exactly zero (``where``, so NaN / inf padding cannot leak through).
+
+    Shapes: ``x (B, *axes, D)``, ``mask (B, *axes)`` bool -> ``(B, *axes, D)``.
+    """
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,26 @@ def oracle() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
 def tol() -> Callable[[torch.dtype, str], dict[str, float]]:
     """Tolerance lookup ``tol(dtype, "fwd" | "bwd")``."""
     return tolerance
+
+
+@pytest.fixture
+def backend_spy(monkeypatch):
+    """``backend_spy(op)`` wraps every backend of ``op`` so the test can read which ones ran (``.used``)."""
+    import dataclasses
+
+    from attnfuse.ops.backends import BACKENDS
+
+    class Spy:
+        def __init__(self, op: str) -> None:
+            self.used: list[str] = []
+
+            def wrap(b):
+                def fn(*args, **kwargs):
+                    self.used.append(b.name)
+                    return b.fn(*args, **kwargs)
+
+                return dataclasses.replace(b, fn=fn)
+
+            monkeypatch.setitem(BACKENDS, op, tuple(wrap(b) for b in BACKENDS[op]))
+
+    return Spy

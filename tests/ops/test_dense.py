@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from attnfuse import ops
 from attnfuse.ops import backends
-from attnfuse.ops.backends import BACKENDS
 
 BACKEND_NAMES = ["sdpa", "reference"]
 F64 = torch.float64
@@ -57,22 +55,6 @@ def assert_matches_oracle(oracle, tol, q, k, v, *, backend, mask=None, bias=None
     torch.testing.assert_close(out, want, **tol(q.dtype, "fwd"))
     for name, got, exp in zip("qkvb", grads(out, inputs), grads(want, inputs)):
         torch.testing.assert_close(got, exp, **tol(q.dtype, "bwd"), msg=lambda m, n=name: f"grad {n}: {m}")
-
-
-class Spy:
-    """Replace the dense backends by recording wrappers (restored by monkeypatch)."""
-
-    def __init__(self, monkeypatch):
-        self.used: list[str] = []
-
-        def wrap(b):
-            def fn(*args, **kwargs):
-                self.used.append(b.name)
-                return b.fn(*args, **kwargs)
-
-            return dataclasses.replace(b, fn=fn)
-
-        monkeypatch.setitem(BACKENDS, "dense", tuple(wrap(b) for b in BACKENDS["dense"]))
 
 
 def test_oracle_matches_python_loop(oracle):
@@ -257,8 +239,8 @@ def test_return_weights_and_lse(oracle, tol):
     assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
 
 
-def test_auto_picks_sdpa_unless_weights_or_lse(monkeypatch):
-    spy = Spy(monkeypatch)
+def test_auto_picks_sdpa_unless_weights_or_lse(monkeypatch, backend_spy):
+    spy = backend_spy("dense")
     q, k, v = make_qkv(1, 2, 4, 4, 3, 3)
     ops.dense_attention(q, k, v)
     with torch.no_grad():
@@ -281,8 +263,8 @@ def test_named_backend_that_cannot_serve_the_call(flag, reason):
         ops.dense_attention(q, k, v, backend="sdpa", **{flag: True})
 
 
-def test_restrict_scope_is_restored_also_after_an_error(monkeypatch):
-    spy = Spy(monkeypatch)
+def test_restrict_scope_is_restored_also_after_an_error(monkeypatch, backend_spy):
+    spy = backend_spy("dense")
     q, k, v = make_qkv(1, 2, 3, 3, 2, 2)
     with backends.restrict("reference"):
         ops.dense_attention(q, k, v)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import math
@@ -306,22 +305,8 @@ def test_keys_on_another_grid_raise():
         NA(q, torch.zeros(1, 1, 7, 4), torch.zeros(1, 1, 7, 4), 3)
 
 
-class Spy:
-    def __init__(self, monkeypatch):
-        self.used: list[str] = []
-
-        def wrap(b):
-            def fn(*args, **kwargs):
-                self.used.append(b.name)
-                return b.fn(*args, **kwargs)
-
-            return dataclasses.replace(b, fn=fn)
-
-        monkeypatch.setitem(BACKENDS, "neighborhood", tuple(wrap(b) for b in BACKENDS["neighborhood"]))
-
-
-def test_auto_dispatch_on_cpu(monkeypatch):
-    spy = Spy(monkeypatch)
+def test_auto_dispatch_on_cpu(monkeypatch, backend_spy):
+    spy = backend_spy("neighborhood")
     q = torch.randn(1, 2, 9, 4, requires_grad=True)
     NA(q, q, q, 3)
     with torch.no_grad():

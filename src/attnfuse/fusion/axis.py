@@ -20,13 +20,10 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.nn import Attention, Encoder
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["AxisAttention", "LayerAttention", "sinusoidal_table"]
 
-
-def _zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def sinusoidal_table(length: int, dim: int, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -131,7 +128,7 @@ class AxisAttention(nn.Module):
         if self.axis not in axes:
             raise ValueError(f"axis {self.axis!r} is not among the token axes {axes}")
         dim = axes.index(self.axis) + 1
-        x = _zero_invalid(x, mask)
+        x = zero_invalid(x, mask)
         x_t = x.movedim(dim, -2)  # (B, *others, N_axis, D)
         m_t = mask.movedim(dim, -1)  # (B, *others, N_axis)
         lead = x_t.shape[:-2]
@@ -145,7 +142,7 @@ class AxisAttention(nn.Module):
             out, w = out if return_weights else (out, None)
             maps = [] if w is None else [w]
         out = out.reshape(*lead, *out.shape[-2:]).movedim(-2, dim)  # (B, *axes, D)
-        return _zero_invalid(out, mask), maps
+        return zero_invalid(out, mask), maps
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Attend along the axis in every source; see the class docstring."""
@@ -304,7 +301,7 @@ class LayerAttention(nn.Module):
         if x.shape[2] != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers on axis {self.layer_axis!r}, got {x.shape[2]}")
         node_mask = mask.any(dim=2)  # (B, N)
-        x = _zero_invalid(x, mask)
+        x = zero_invalid(x, mask)
         if self.proj_weight is not None:
             x = torch.einsum("bnld,lde->bnle", x, self.proj_weight.to(x.dtype)) + self.proj_bias.to(x.dtype)  # (B, N, L, D)
         if self.pe is not None:
@@ -316,10 +313,10 @@ class LayerAttention(nn.Module):
         c = (logits * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (B, L): mean over this graph's valid nodes
         alpha = self.layer_weights(c)  # (B, L)
         h = torch.einsum("bl,bnld->bnd", alpha, x)  # (B, N, D)
-        h = _zero_invalid(h, node_mask)
+        h = zero_invalid(h, node_mask)
         z = self.encoder(h, mask=node_mask, return_weights=return_weights)
         z, maps = z if return_weights else (z, [])
-        z = _zero_invalid(z, node_mask)
+        z = zero_invalid(z, node_mask)
         weights = {"layer": alpha, **{f"node.{i}": w for i, w in enumerate(maps)}} if return_weights else {}
         nodes = TokenSet(z, node_mask)
         if self.readout == "mean":

@@ -19,15 +19,12 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.nn import Attention
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["CoAttention"]
 
 MERGES = ("concat_ffn", "concat", "tokens")
 
-
-def _zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @register_fusion("coattention")
@@ -156,7 +153,7 @@ class CoAttention(nn.Module):
             h, w = h if return_weights else (h, None)
         if self.residual:
             h = q.x + h
-        return _zero_invalid(h, q.mask), w
+        return zero_invalid(h, q.mask), w
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Fuse ``{a, b}``; see the class docstring. Maps are keyed ``"cross.<query source>"``."""
@@ -193,7 +190,7 @@ class CoAttention(nn.Module):
             if name in streams:
                 h, m = streams[name]
                 if self.merge == "concat_ffn":
-                    h = _zero_invalid((self.ffn_a if role == "a" else self.ffn_b)(h), m)
+                    h = zero_invalid((self.ffn_a if role == "a" else self.ffn_b)(h), m)
                 mask = mask | m
             else:
                 width = ref_h.shape[-1] if self.merge == "concat" else self.ffn_a[-1].out_features
@@ -202,7 +199,7 @@ class CoAttention(nn.Module):
         x = torch.cat(halves, dim=-1)  # (B, N, 2 * width)
         if self.norm_out is not None:
             x = self.norm_out(x)
-        x = _zero_invalid(x, mask)
+        x = zero_invalid(x, mask)
         n = ref_h.shape[1]
         layout = {name: (0, n) for name in streams}
         return FusionOutput(TokenSet(x, mask), per_source, weights, layout)

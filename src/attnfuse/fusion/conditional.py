@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.nn import MLP, Attention
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["ConditionalCrossAttention"]
 
@@ -148,7 +148,7 @@ class ConditionalCrossAttention(nn.Module):
             x, mask = x[:, self.cls_index : self.cls_index + 1], mask[:, self.cls_index : self.cls_index + 1]
         x = x + u
         y = x + self.mlp(self.norm_mlp(x))
-        y = torch.where(mask.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        y = zero_invalid(y, mask)
         fused = TokenSet(y, mask)
         weights = {"cross": w} if w is not None else {}
         return FusionOutput(fused, {self.context: fused}, weights, {self.context: (0, y.shape[1])})

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.ops import dense_attention
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["MutualAttention", "feature_map", "feature_map_tokens"]
 
@@ -228,7 +228,7 @@ class MutualAttention(nn.Module):
                     x = x + self.beta[r] * g * c
                     if w is not None:
                         weights[f"channel.{n}"] = w
-            x = torch.where(own.mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            x = zero_invalid(x, own.mask)
             per_source[n] = TokenSet(x.reshape(batch, *grid, -1), own.mask.reshape(batch, *grid), axes)
         outs = list(per_source.values())
         mask = outs[0].valid()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.ops import get_operator
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["ParameterFreeCrossAttention", "multiscale_bank"]
 
@@ -182,6 +182,6 @@ class ParameterFreeCrossAttention(nn.Module):
         res = self.spec.fn(split(q.x), split(keys), split(values), mask=mask, return_weights=return_weights, **self.options)
         out, w = res if return_weights else (res, None)
         out = out.transpose(1, 2).reshape(b, lq, dim)  # (B, L, D)
-        out = torch.where(q.mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = zero_invalid(out, q.mask)
         fused = TokenSet(out, q.mask)
         return FusionOutput(fused, {self.query: fused}, {"cross": w} if w is not None else {}, {self.query: (0, lq)})

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["RESERVED_NAMES", "FusionOutput", "PreparedSource", "SourceEmbedding"]
 
@@ -149,7 +149,7 @@ class SourceEmbedding(nn.Module):
                 if self.training and self.modality_dropout > 0:
                     keep = torch.rand(batch, 1, device=x.device) >= self.modality_dropout  # (B, 1)
                     mask = mask & keep
-                x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+                x = zero_invalid(x, mask)
                 if self.missing is not None:
                     gone = ~mask.any(dim=1)  # (B,)
                     first = torch.zeros_like(mask)

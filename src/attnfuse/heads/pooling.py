@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from attnfuse.ops import dense_attention
-from attnfuse.tokens import TokenSet
+from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["AttentionPool", "Pool", "first_token_pool", "mean_pool"]
 
@@ -21,7 +21,7 @@ def mean_pool(x: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is None:
         return x.mean(dim=1)
     m = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
-    total = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)
+    total = zero_invalid(x, mask).sum(dim=1)
     return total / m.sum(dim=1).clamp_min(1.0)
 
 
