@@ -65,7 +65,7 @@ def test_nan_in_target(df):
 
 
 def test_regression_target_must_be_numeric(df):
-    with pytest.raises(SchemaError, match="regression needs a numeric target"):
+    with pytest.raises(SchemaError, match="task .regression. needs numeric values"):
         validate(df, _schema(task="regression"))
     validate(df, _schema(target="score", task="regression"))
 
@@ -139,7 +139,7 @@ def test_schema_dict_roundtrip():
     as_mapping = {"target": "label", "inputs": {"v": {"kind": "numeric", "columns": ["a", "b"], "nan_policy": "zero"},
                                                 "c": {"kind": "categorical", "columns": ["c"]}}}
     assert TableSchema.from_dict(as_mapping) == schema
-    with pytest.raises(SchemaError, match="schema keys are"):
+    with pytest.raises(SchemaError, match="unknown key"):
         TableSchema.from_dict({"target": "y", "inputs": [], "model": 1})
     with pytest.raises(SchemaError, match="keys are name, kind, columns, nan_policy"):
         TableSchema.from_dict({"target": "y", "inputs": [{"name": "a", "kind": "numeric", "cols": ["x"]}]})

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from attnfuse.data.table import SchemaError, TableSchema, validate
+from attnfuse.data.targets import encode_target, fit_classes
 
 __all__ = ["EncodedTable", "TablePreprocessor", "category_key", "embed_text_inputs", "text_values"]
 
@@ -87,7 +88,8 @@ class EncodedTable:
             category codes (0 = unknown or missing) for categorical, or a list of N float32
             ``(L_i, F)`` arrays for variable-length inputs. Absent rows hold zeros / length 0.
         present: ``{input: bool (N,)}``, False where the input is absent for that row.
-        target: int64 class indices or float32 values ``(N,)``; None when the table has no target.
+        target: the encoded target (see :mod:`attnfuse.data.targets`): int64 class indices ``(N,)``,
+            float32 values ``(N,)`` / ``(N, T)``, or ``(N, 2)`` (time, event); None without a target.
     """
 
     values: dict[str, Any]
@@ -102,7 +104,7 @@ class TablePreprocessor:
 
     Attributes:
         schema: the table schema.
-        classes: target classes (classification), sorted; class index = position.
+        classes: target classes (classification / retrieval), sorted; class index = position.
         vocabs: ``{categorical input: [[category keys of column 0], ...]}``; code = position + 1.
         stats: ``{numeric/vector input read from columns: (means, stds)}`` (empty lists if not standardised).
         array_dims: ``{vector/text input given by arrays: feature width}``.
@@ -138,11 +140,7 @@ class TablePreprocessor:
         validate(df, schema, arrays=arrays)
         sub = df if rows is None else df.iloc[np.asarray(rows)]
         pre = cls(schema=schema, standardize=standardize)
-        if schema.task == "classification":
-            keys: dict[str, Any] = {}
-            for v in df[schema.target].unique():  # the class set comes from every row, statistics from ``rows``
-                keys.setdefault(category_key(v), v.item() if isinstance(v, np.generic) else v)
-            pre.classes = [keys[k] for k in sorted(keys, key=_sort_key)]
+        pre.classes = fit_classes(df, schema)  # the class set comes from every row, statistics from ``rows``
         for spec in schema.inputs:
             if spec.name in arrays:
                 arr = arrays[spec.name]
@@ -263,16 +261,10 @@ class TablePreprocessor:
         return _zero_absent(a, ok), ok
 
     def _target(self, df: pd.DataFrame) -> np.ndarray:
-        y = df[self.schema.target]
-        if self.schema.task == "regression":
-            return y.to_numpy(dtype=np.float32)
-        assert self.classes is not None
-        index = {category_key(c): i for i, c in enumerate(self.classes)}
-        keys = [category_key(v) for v in y.tolist()]
-        unseen = sorted({k for k in keys if k not in index})
-        if unseen:
-            raise SchemaError(f"target {self.schema.target!r} has class(es) {unseen} not seen when fitting; known classes: {self.classes}")
-        return np.array([index[k] for k in keys], dtype=np.int64)
+        try:
+            return encode_target(df, self.schema, self.classes)
+        except ValueError as err:
+            raise SchemaError(str(err)) from None
 
     @property
     def num_classes(self) -> int | None:

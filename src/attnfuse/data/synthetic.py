@@ -34,14 +34,19 @@ def make_synthetic_table(
     Classification: ``y = [num_0 + num_1 > 0] XOR [vec_0 - vec_1 > 0]`` (2 classes): ``num`` or ``vec``
     alone is at chance, both together decide ``y``; ``cat_size`` agrees with ``y`` in about 75% of
     rows; ``cat_color`` is noise; ``note`` states the vector signal in words. Regression:
-    ``y = num_0 * vec_0 + 0.5 * num_1 + noise``. Each input is missing (all its cells null) in a
-    ``missing_rate`` fraction of rows, independently per input.
+    ``y = num_0 * vec_0 + 0.5 * num_1 + noise``. Multilabel: targets ``y_xor`` (the XOR above),
+    ``y_num`` (``num_0 + num_1 > 0``), ``y_vec`` (``vec_0 - vec_1 > 0``). Survival: exponential
+    event times with log-hazard ``num_0 + num_1 + vec_0 - vec_1``, independent exponential
+    censoring (about half the rows censored): columns ``time`` and ``event``. Retrieval: identity
+    ``y = 2 [num_0 + num_1 > 0] + [vec_0 - vec_1 > 0]`` (4 identities). Each input is missing (all
+    its cells null) in a ``missing_rate`` fraction of rows, independently per input.
 
     Returns:
         ``(df, schema)``.
     """
-    if task not in ("classification", "regression"):
-        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    tasks = ("classification", "regression", "multilabel", "survival", "retrieval")
+    if task not in tasks:
+        raise ValueError(f"task must be one of {tasks}, got {task!r}")
     if not 0.0 <= missing_rate < 1.0:
         raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate}")
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -49,12 +54,24 @@ def make_synthetic_table(
     vec = rng.standard_normal((num_rows, 8))
     s_num = num[:, 0] + num[:, 1] > 0
     s_vec = vec[:, 0] - vec[:, 1] > 0
-    if task == "classification":
+    targets: dict[str, np.ndarray] = {}
+    if task in ("classification", "multilabel"):
         y = (s_num ^ s_vec).astype(np.int64)
         size_agrees = rng.random(num_rows) < 0.75
         size = np.where(size_agrees == (y == 1), "large", "small")
+        targets = {"y": y} if task == "classification" else {
+            "y_xor": y, "y_num": s_num.astype(np.int64), "y_vec": s_vec.astype(np.int64)}
+    elif task == "regression":
+        targets = {"y": num[:, 0] * vec[:, 0] + 0.5 * num[:, 1] + 0.1 * rng.standard_normal(num_rows)}
+        size = rng.choice(["small", "large"], num_rows)
+    elif task == "survival":
+        log_hazard = num[:, 0] + num[:, 1] + vec[:, 0] - vec[:, 1]
+        event_time = rng.exponential(1.0 / np.exp(log_hazard))
+        censor_time = rng.exponential(2.0 * float(np.median(event_time)), num_rows)
+        targets = {"time": np.minimum(event_time, censor_time), "event": (event_time <= censor_time).astype(np.int64)}
+        size = rng.choice(["small", "large"], num_rows)
     else:
-        y = num[:, 0] * vec[:, 0] + 0.5 * num[:, 1] + 0.1 * rng.standard_normal(num_rows)
+        targets = {"y": (2 * s_num + s_vec).astype(np.int64)}
         size = rng.choice(["small", "large"], num_rows)
     color = rng.choice(["red", "green", "blue", "black"], num_rows)
     df = pd.DataFrame(num, columns=[f"num_{j}" for j in range(4)])
@@ -73,9 +90,13 @@ def make_synthetic_table(
     for spec in inputs:
         drop = rng.random(num_rows) < missing_rate
         df.loc[drop, list(spec.columns)] = None if spec.kind in ("categorical", "text") else np.nan
-    df["y"] = y
+    for col, values in targets.items():
+        df[col] = values
     df.attrs["synthetic"] = True
-    return df, TableSchema(inputs=inputs, target="y", task=task)
+    if task == "survival":
+        return df, TableSchema(inputs=inputs, task=task, time="time", event="event")
+    target = list(targets) if task == "multilabel" else "y"
+    return df, TableSchema(inputs=inputs, target=target, task=task)
 
 
 def make_synthetic_views(

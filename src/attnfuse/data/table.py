@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attnfuse.data.targets import TASKS, check_target, target_columns
+
 __all__ = ["KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema", "load_table", "validate"]
 
 KINDS = ("numeric", "categorical", "text", "vector")
 NAN_POLICIES = ("missing", "error", "zero")
-TASKS = ("classification", "regression")
 
 
 class SchemaError(ValueError):
@@ -101,16 +102,22 @@ class TableSchema:
 
     Args:
         inputs: the inputs (distinct names).
-        target: the target column.
-        task: ``"classification"`` or ``"regression"``.
+        target: the target column; a list of columns for ``multilabel`` (0/1 columns) and
+            multi-output ``regression``; unused (None) for ``survival``.
+        task: ``"classification"``, ``"regression"``, ``"multilabel"``, ``"survival"`` or
+            ``"retrieval"`` (see :mod:`attnfuse.data.targets`).
+        time, event: ``survival`` only: the observed-time column and the event column (1 = event
+            observed, 0 = censored).
 
     Raises:
-        SchemaError: no inputs, duplicate input names, unknown task, non-string target.
+        SchemaError: no inputs, duplicate input names, unknown task, a target that does not fit the task.
     """
 
     inputs: tuple[InputSpec, ...]
-    target: str
+    target: str | tuple[str, ...] | None = None
     task: str = "classification"
+    time: str | None = None
+    event: str | None = None
 
     def __post_init__(self) -> None:
         inputs = tuple(self.inputs)
@@ -123,11 +130,37 @@ class TableSchema:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"duplicate input name(s) {dup}; every input needs its own name")
-        if not isinstance(self.target, str) or not self.target:
-            raise SchemaError(f"target must be a column name (non-empty string), got {self.target!r}")
         if self.task not in TASKS:
             raise SchemaError(f"task must be one of {TASKS}, got {self.task!r}")
+        target = self.target
+        if isinstance(target, list | tuple):
+            target = tuple(target)
+            if not target or not all(isinstance(t, str) and t for t in target) or len(set(target)) != len(target):
+                raise SchemaError(f"target must be a column name or a list of distinct column names, got {self.target!r}")
+            if len(target) == 1:
+                target = target[0]
+        if self.task == "survival":
+            if not (isinstance(self.time, str) and self.time and isinstance(self.event, str) and self.event):
+                raise SchemaError(f"task 'survival' needs time and event columns (e.g. time: months, event: died), got "
+                                  f"time={self.time!r}, event={self.event!r}")
+            if target is not None:
+                raise SchemaError("task 'survival' takes its target from time and event; remove target")
+        else:
+            if self.time is not None or self.event is not None:
+                raise SchemaError(f"time / event are for task 'survival', not {self.task!r}")
+            if not (isinstance(target, str) and target) and not isinstance(target, tuple):
+                raise SchemaError(f"target must be a column name (non-empty string), got {self.target!r}")
+            if self.task in ("classification", "retrieval") and not isinstance(target, str):
+                raise SchemaError(f"task {self.task!r} needs one target column of labels, got {list(target)}")
+            if self.task == "multilabel" and not isinstance(target, tuple):
+                raise SchemaError(f"task 'multilabel' needs a list of 0/1 target columns, got {target!r}")
         object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "target", target)
+
+    @property
+    def target_columns(self) -> list[str]:
+        """The columns the target uses (``target`` columns, or ``time`` and ``event`` for survival)."""
+        return target_columns(self)
 
     @property
     def names(self) -> list[str]:
@@ -142,20 +175,29 @@ class TableSchema:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for YAML / JSON), inverse of :meth:`from_dict`."""
-        return {"target": self.target, "task": self.task, "inputs": [i.to_dict() for i in self.inputs]}
+        out: dict[str, Any] = {"target": list(self.target) if isinstance(self.target, tuple) else self.target, "task": self.task}
+        if self.task == "survival":
+            out = {"task": self.task, "time": self.time, "event": self.event}
+        return {**out, "inputs": [i.to_dict() for i in self.inputs]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TableSchema:
-        """Build from ``{"target", "task", "inputs"}``; ``inputs`` is a list of dicts or ``{name: {kind, columns, ...}}``.
+        """Build from ``{"target", "task", "inputs"}`` (survival: ``time`` and ``event`` instead of
+        ``target``); ``inputs`` is a list of dicts or ``{name: {kind, columns, ...}}``.
 
         Raises:
             SchemaError: missing or unknown keys.
         """
         if not isinstance(data, Mapping):
             raise SchemaError(f"schema must be a mapping with keys target, task, inputs; got {type(data).__name__}")
-        unknown = sorted(set(data) - {"target", "task", "inputs"})
-        if unknown or "target" not in data or "inputs" not in data:
-            raise SchemaError(f"schema keys are target, task (optional), inputs; got {sorted(data)}")
+        keys = {"target", "task", "inputs", "time", "event"}
+        unknown = sorted(set(data) - keys)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, sorted(keys), n=1) for k in unknown}
+            hint = "; ".join(f"{k!r} (did you mean {c[0]!r}?)" for k, c in close.items() if c)
+            raise SchemaError(f"schema has unknown key(s) {unknown}{'; ' + hint if hint else ''}; keys are {sorted(keys)}")
+        if "inputs" not in data or ("target" not in data and data.get("task") != "survival"):
+            raise SchemaError(f"schema needs inputs and target (survival: time and event); got {sorted(data)}")
         raw = data["inputs"]
         items = [{"name": k, **dict(v)} for k, v in raw.items()] if isinstance(raw, Mapping) else [dict(v) for v in raw]
         inputs = []
@@ -164,7 +206,8 @@ class TableSchema:
             if extra or "kind" not in item:
                 raise SchemaError(f"input {item.get('name')!r}: keys are name, kind, columns, nan_policy; got {sorted(item)}")
             inputs.append(InputSpec(**item))
-        return cls(inputs=tuple(inputs), target=data["target"], task=data.get("task", "classification"))
+        return cls(inputs=tuple(inputs), target=data.get("target"), task=data.get("task", "classification"),
+                   time=data.get("time"), event=data.get("event"))
 
 
 def _unknown_column(col: str, available: Sequence[str], what: str = "unknown column") -> str:
@@ -261,18 +304,15 @@ def validate(
     if unknown_arrays:
         problems.append(f"arrays given for unknown input(s) {unknown_arrays}; inputs: {schema.names}")
     if require_target:
-        if schema.target not in df.columns:
-            problems.append(_unknown_column(schema.target, available, "target column is missing:"))
+        missing_target = [c for c in schema.target_columns if c not in df.columns]
+        if missing_target:
+            problems += [_unknown_column(c, available, "target column is missing:") for c in missing_target]
         else:
-            y = df[schema.target]
-            if y.isna().any():
-                problems.append(f"target {schema.target!r} has missing values in {_rows(y.isna().to_numpy())}; drop those rows first")
-            if schema.task == "regression" and not pd.api.types.is_numeric_dtype(y.dtype):
-                problems.append(f"target {schema.target!r} has dtype {y.dtype}; regression needs a numeric target")
+            check_target(df, schema, problems)
     absent: set[str] = set()
     for spec in schema.inputs:
-        if schema.target in spec.columns:
-            problems.append(f"input {spec.name!r} uses the target column {schema.target!r} as a feature")
+        for col in sorted(set(schema.target_columns) & set(spec.columns)):
+            problems.append(f"input {spec.name!r} uses the target column {col!r} as a feature")
         missing = [c for c in spec.columns if c not in df.columns]
         if missing and allow_missing_inputs and len(missing) == len(spec.columns) and spec.name not in arrays:
             absent.add(spec.name)

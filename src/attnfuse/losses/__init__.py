@@ -6,6 +6,7 @@
 - :mod:`~attnfuse.losses.contrastive`: InfoNCE, multi-target InfoNCE (ST-Align).
 - :mod:`~attnfuse.losses.gmm`: GMM hard-assignment NLL and trajectory aggregation (Wayformer).
 - :mod:`~attnfuse.losses.balance`: MoH load-balance loss.
+- :mod:`~attnfuse.losses.classification`: focal loss (imbalanced classes).
 
 Every loss validates its inputs, documents its shapes, names its paper, and is defined (never NaN)
 on degenerate batches. Annealing coefficients are plain numbers passed in by the caller; no loss
@@ -14,6 +15,7 @@ See ``docs/losses.md``.
 """
 
 from attnfuse.losses.balance import moh_load_balance_loss
+from attnfuse.losses.classification import focal_loss
 from attnfuse.losses.contrastive import ContrastiveTarget, info_nce, info_nce_logits, multi_target_info_nce, st_align_weights
 from attnfuse.losses.evidential import (
     dirichlet_kl_uniform,
@@ -48,6 +50,7 @@ __all__ = [
     "evidential_ce",
     "evidential_dice_loss",
     "evidential_loss",
+    "focal_loss",
     "gmm_hard_assignment_nll",
     "info_nce",
     "info_nce_logits",

@@ -7,7 +7,9 @@ compares. Inputs are a collated batch's ``"inputs"``: ``{name: {"x": tensor, "ma
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,9 +17,12 @@ from torch import Tensor, nn
 
 from attnfuse.encoders import create_encoder, encode_inputs
 from attnfuse.fusion import FusionOutput, get_fusion
-from attnfuse.heads import ClassificationHead, RegressionHead
+from attnfuse.tokens import TokenSet
 
-__all__ = ["ConcatMLP", "FusionModel", "build_fusion_model"]
+__all__ = [
+    "ConcatMLP", "FusedReadout", "FusionFactory", "FusionModel", "build_fusion_model", "describe_factory", "factory_class",
+    "resolve_fusion",
+]
 
 Batch = Mapping[str, Mapping[str, Tensor]]
 
@@ -51,31 +56,35 @@ class FusionModel(nn.Module):
 
 
 class ConcatMLP(nn.Module):
-    """Baseline without attention: concatenate every input (missing ones as zeros) -> MLP.
+    """Baseline without attention: concatenate every input (missing ones as zeros) -> MLP, or -> linear.
 
     Numeric / vector / text inputs enter as their feature vectors, categorical inputs one-hot.
-    A missing input is all zeros, which the MLP cannot tell from data: that is the baseline's
+    A missing input is all zeros, which the model cannot tell from data: that is the baseline's
     weakness the missing-input sweep shows.
 
     Args:
         encoder_configs: ``{name: {"kind": ..., ...}}`` as :meth:`TablePreprocessor.encoder_configs`.
         num_outputs: output size.
-        hidden: hidden width.
+        hidden: hidden width; ``None`` (or 0) makes the model linear in the (standardised) inputs,
+            e.g. a linear Cox model for survival.
         dropout: dropout after the hidden layer.
 
     Shapes: ``{name: {"x": (B, F_i), "mask": (B,)}}`` -> ``(B, K)``.
     """
 
-    def __init__(self, encoder_configs: Mapping[str, Mapping[str, Any]], num_outputs: int, *, hidden: int = 128,
+    def __init__(self, encoder_configs: Mapping[str, Mapping[str, Any]], num_outputs: int, *, hidden: int | None = 128,
                  dropout: float = 0.1, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.configs = {name: dict(cfg) for name, cfg in sorted(encoder_configs.items())}
         total = sum(self._width(cfg) for cfg in self.configs.values())
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(total, **dd), nn.Linear(total, hidden, **dd), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden, num_outputs, **dd),
-        )
+        if hidden:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(total, **dd), nn.Linear(total, hidden, **dd), nn.GELU(), nn.Dropout(dropout),
+                nn.Linear(hidden, num_outputs, **dd),
+            )
+        else:
+            self.mlp = nn.Linear(total, num_outputs, **dd)
 
     @staticmethod
     def _width(cfg: Mapping[str, Any]) -> int:
@@ -88,6 +97,8 @@ class ConcatMLP(nn.Module):
             return int(cfg["embedding_dim"])
         if kind == "vector":
             return int(cfg["in_features"])
+        if kind == "image":
+            return int(cfg.get("channels", 1)) * int(cfg["height"]) * int(cfg["width"])
         raise ValueError(f"ConcatMLP does not support input kind {kind!r}")
 
     def forward(self, inputs: Batch, **_: bool) -> Tensor:
@@ -97,66 +108,128 @@ class ConcatMLP(nn.Module):
         parts = []
         for name, cfg in self.configs.items():
             x, mask = inputs[name]["x"], inputs[name]["mask"]
+            if cfg["kind"] == "image":
+                x = x.reshape(x.shape[0], -1)
             if x.dim() != 2:
                 raise ValueError(f"ConcatMLP needs fixed-size inputs (B, F); {name!r} has shape {tuple(x.shape)}")
             if cfg["kind"] == "categorical":
                 x = torch.cat([nn.functional.one_hot(x[:, j].long(), int(c) + 1) for j, c in enumerate(cfg["cardinalities"])], 1)
-            x = x.float() * mask[:, None].to(torch.float32)
+            x = x.float() * mask.reshape(mask.shape[0], -1)[:, :1].to(torch.float32)
             parts.append(x)
         return self.mlp(torch.cat(parts, dim=1))
 
 
+FusionFactory = Callable[[Sequence[str], int], nn.Module]
+"""A fusion class (or a ``functools.partial`` of one with its options bound): ``factory(sources, dim) -> module``."""
+
+
+def factory_class(factory: Any) -> type | None:
+    """The class a fusion factory builds: the class itself, or the class inside a (jsonargparse) partial."""
+    if isinstance(factory, type):
+        return factory
+    if isinstance(factory, functools.partial):
+        if isinstance(factory.func, type):
+            return factory.func
+        return next((a for a in factory.args if isinstance(a, type)), None)
+    return None
+
+
+def describe_factory(factory: Any) -> dict[str, Any] | str:
+    """``{"class_path", "init_args"}`` of a fusion factory with plain values (for logs and saved runs)."""
+    cls = factory_class(factory)
+    if cls is None:
+        return repr(factory)
+    kw = dict(factory.keywords) if isinstance(factory, functools.partial) else {}
+    plain = {k: v for k, v in kw.items() if isinstance(v, str | int | float | bool | type(None) | list | tuple | dict)}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": plain}
+
+
+def resolve_fusion(fusion: FusionFactory | str) -> FusionFactory:
+    """A fusion factory from a registered name (``attnfuse list``), a class or a partial.
+
+    Raises:
+        KeyError: unknown name (listing the registered fusions).
+        TypeError: not a name or a callable.
+    """
+    if isinstance(fusion, str):
+        return get_fusion(fusion)
+    if not callable(fusion):
+        raise TypeError(f"fusion must be a registered name, a fusion class or a partial of one, got {type(fusion).__name__}")
+    return fusion
+
+
 def build_fusion_model(
     encoder_configs: Mapping[str, Mapping[str, Any]],
-    num_outputs: int,
+    make_head: Callable[[int, str], nn.Module],
     *,
-    task: Literal["classification", "regression"] = "classification",
-    fusion: str = "early",
+    fusion: FusionFactory | str = "early",
     dim: int = 64,
-    heads: int = 4,
     pooling: Literal["auto", "mean", "fusion", "cls", "attention"] = "auto",
-    dropout: float = 0.1,
-    fusion_options: Mapping[str, Any] | None = None,
     encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> nn.Module:
+    num_classes: int | None = None,
+    reads_output: Callable[[str], bool] | None = None,
+) -> FusionModel:
     """Build encoders -> fusion -> head from per-input encoder configurations.
 
     Args:
         encoder_configs: ``{name: {"kind": ..., ...}}`` (from the data module's preprocessor).
-        num_outputs: classes (classification) or targets (regression).
-        task: ``"classification"`` or ``"regression"``.
-        fusion: a registered fusion name (``attnfuse list``) or ``"concat_mlp"`` for the baseline.
-        dim, heads: token width and attention heads.
+        make_head: ``make_head(width, pooling) -> head`` over the fused tokens (the task's head).
+        fusion: a fusion factory ``factory(sources, dim)``: a registered name (``attnfuse list``), a
+            fusion class, or a partial with its options bound (what a config's ``class_path`` /
+            ``init_args`` gives). Every option of a registered fusion has a default.
+        dim: token width of the encoders and the fusion.
         pooling: head pooling; ``"auto"`` reads the fusion token when the fusion module lets it
             attend to the inputs (``fusion_token_attends``), else averages the valid tokens.
-        dropout: dropout in fusion and head.
-        fusion_options: extra constructor arguments of the fusion class (e.g. ``{"depth": 2}``).
         encoder_options: extra encoder arguments by input kind, e.g. ``{"vector": {"num_tokens": 2}}``.
+        num_classes: passed to fusions that take ``num_classes`` (e.g. evidential fusion) when their
+            config leaves it unset.
+        reads_output: ``reads_output(kind)``: whether the task reads a fusion output of ``kind``
+            (e.g. ``"dirichlet"``) directly; then the head is a read-out of the fused token.
 
     Raises:
         KeyError: unknown fusion name (listing registered ones).
         ValueError: ``pooling="fusion"`` with a fusion whose fusion token sees no input (e.g. late
-            fusion, where it is a learned constant and the model could only predict the prior).
+            fusion, where it is a learned constant and the model could only predict the prior), or
+            a fusion output the task cannot use.
     """
-    if fusion == "concat_mlp":
-        return ConcatMLP(encoder_configs, num_outputs, hidden=2 * dim, dropout=dropout)
-    cls = get_fusion(fusion)
+    factory = resolve_fusion(fusion)
     extra = {k: dict(v) for k, v in (encoder_options or {}).items()}
     encoders = {}
     for name, cfg in encoder_configs.items():
         cfg = dict(cfg)
         kind = cfg.pop("kind")
         encoders[name] = create_encoder(kind, dim=dim, **cfg, **extra.get(kind, {}))
-    options = {"heads": heads, "dropout": dropout, **dict(fusion_options or {})}
-    fusion_module = cls(list(encoder_configs), dim, **options)
+    cls = factory_class(factory)
+    fill = {}
+    if cls is not None and "num_classes" in inspect.signature(cls).parameters:
+        bound = factory.keywords.get("num_classes") if isinstance(factory, functools.partial) else None
+        if bound is None and num_classes is not None:
+            fill["num_classes"] = num_classes
+    fusion_module = factory(list(encoder_configs), dim, **fill)
+    name = getattr(cls, "__name__", repr(fusion))
+    output = getattr(fusion_module, "output", "tokens")
+    if output != "tokens":
+        if reads_output is None or not reads_output(output):
+            raise ValueError(f"fusion {name} outputs {output!r}, which this task cannot read; e.g. an evidential fusion "
+                             "needs task classification with loss: evidential")
+        return FusionModel(encoders, fusion_module, FusedReadout())
     attends = bool(getattr(fusion_module, "fusion_token_attends", False))
     if pooling == "auto":
         pooling = "fusion" if attends else "mean"
     elif pooling in ("fusion", "cls") and not attends:
         raise ValueError(
-            f"pooling={pooling!r} reads the fusion token, but in fusion={fusion!r} it attends to no input "
+            f"pooling={pooling!r} reads the fusion token, but in fusion {name} it attends to no input "
             "(a learned constant): use pooling 'mean' or 'attention' (or 'auto')"
         )
-    head_cls = ClassificationHead if task == "classification" else RegressionHead
-    head = head_cls(dim, num_outputs, pooling=pooling, dropout=dropout)
-    return FusionModel(encoders, fusion_module, head)
+    width = int(getattr(fusion_module, "out_dim", dim))
+    return FusionModel(encoders, fusion_module, make_head(width, pooling))
+
+
+class FusedReadout(nn.Module):
+    """The first fused token's features as the prediction (for fusions that output predictions, e.g. Dirichlet alpha).
+
+    Shapes: ``TokenSet (B, N, K)`` -> ``(B, K)``.
+    """
+
+    def forward(self, tokens: TokenSet) -> Tensor:
+        return tokens.x.reshape(tokens.x.shape[0], -1, tokens.x.shape[-1])[:, 0]

@@ -12,8 +12,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from attnfuse.data import EncodedTable, TableDataset, TablePreprocessor, TableSchema, collate_fn, load_table, make_split, save_split
-from attnfuse.train.sources import Source, load_source, text_arrays
+from attnfuse.data import (
+    EncodedTable,
+    Source,
+    TableDataset,
+    TablePreprocessor,
+    TableSchema,
+    collate_fn,
+    get_dataset,
+    load_dataset,
+    load_table,
+    make_split,
+    save_split,
+    text_arrays,
+)
 
 __all__ = ["EpochShuffleSampler", "FusionDataModule", "drop_inputs"]
 
@@ -56,14 +68,17 @@ class FusionDataModule(pl.LightningDataModule):
     """Multi-input table data for :class:`attnfuse.train.FusionTask`.
 
     Args:
-        dataset: ``"mfeat"`` (UCI Multiple Features, 6 views), ``"womens_clothing"`` (reviews: text +
-            tabular), ``"table"`` (your CSV/Parquet file, described by ``table``) or
-            ``"synthetic_views"`` (labelled synthetic, for tests and examples).
-        table: options of the source: for ``"table"`` ``{"path": ..., "schema": {"target", "task",
-            "inputs"}}``; for ``"womens_clothing"`` ``{"target", "rows", "text"}`` (see docs/data.md).
+        dataset: a registered data set (``attnfuse list``): ``mfeat`` (UCI Multiple Features, 6 views),
+            ``nutrimouse``, ``womens_clothing`` (reviews: text + tabular), ``synthetic`` /
+            ``synthetic_views`` (labelled synthetic), or ``table`` (your CSV/Parquet file, described by
+            ``table``).
+        options: the data set's own options, e.g. ``{"target": "genotype"}`` for nutrimouse or
+            ``{"task": "survival"}`` for synthetic (``attnfuse describe NAME`` lists them; checked).
+        table: for ``dataset="table"``: ``{"path": ..., "schema": {"target" | "time" + "event", "task",
+            "inputs"}}`` (see docs/data.md).
         inputs: restrict to these inputs (views / column groups); default all.
         batch_size: batch size of every loader.
-        seed: split seed (stratified for classification).
+        seed: split seed (stratified by label for classification / retrieval, by event for survival).
         val_fraction, test_fraction: split sizes.
         standardize: per-feature standardisation fitted on the train rows.
         missing: inputs marked missing in the test / predict data, e.g. ``["fou"]``.
@@ -74,12 +89,15 @@ class FusionDataModule(pl.LightningDataModule):
             depend on the training table still being there or unchanged.
         run_dir: where to save ``split.json`` and ``preprocessor.json`` for the run.
         num_workers: DataLoader workers.
+
+    In Python, :meth:`from_source` wraps a DataFrame and its schema directly.
     """
 
     def __init__(
         self,
         dataset: str = "mfeat",
         *,
+        options: dict[str, Any] | None = None,
         table: dict[str, Any] | None = None,
         inputs: list[str] | None = None,
         batch_size: int = 64,
@@ -94,11 +112,23 @@ class FusionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        get_dataset(dataset)  # unknown names fail here, listing the registered ones
+        if table is not None and dataset != "table":
+            raise ValueError(f"data.table describes your own file (dataset: table); for dataset {dataset!r} use data.options")
         self.save_hyperparameters()
         self.source: Source | None = None
+        self._given_source: Source | None = None
         self.encoded: EncodedTable | None = None
         self.preprocessor: TablePreprocessor | None = None
         self.split = None
+        self.predict_frame = None
+
+    @classmethod
+    def from_source(cls, source: Source, **kwargs: Any) -> FusionDataModule:
+        """A data module over an in-memory table (``Source(frame, schema, arrays)``); other arguments as the constructor."""
+        dm = cls("table", **kwargs)
+        dm._given_source = source
+        return dm
 
     def _ensure_preprocessor(self) -> None:
         """The preprocessing: loaded from ``preprocessor`` when given (never re-fitted), else fitted."""
@@ -112,27 +142,41 @@ class FusionDataModule(pl.LightningDataModule):
             return
         self._load()
 
+    def _source(self) -> Source:
+        hp = self.hparams
+        if self._given_source is not None:
+            return self._given_source
+        if hp.dataset == "table":
+            if not hp.table:
+                raise ValueError("dataset 'table' needs data.table: {path: FILE.csv|.parquet, schema: {target, task, inputs}}")
+            return load_dataset("table", **dict(hp.table))
+        return load_dataset(hp.dataset, **dict(hp.options or {}))
+
     def _load(self) -> None:
         if self.encoded is not None:
             return
         hp = self.hparams
-        source = load_source(hp.dataset, hp.table)
+        source = self._source()
         schema = source.schema
         if hp.inputs:
             names = {s.name for s in schema.inputs}
             unknown = sorted(set(hp.inputs) - names)
             if unknown:
                 raise ValueError(f"data.inputs names unknown input(s) {unknown}; {hp.dataset} has {sorted(names)}")
-            schema = TableSchema(inputs=tuple(s for s in schema.inputs if s.name in hp.inputs), target=schema.target,
-                                 task=schema.task)
+            schema = dataclasses.replace(schema, inputs=tuple(s for s in schema.inputs if s.name in hp.inputs))
             arrays = {k: v for k, v in (source.arrays or {}).items() if k in hp.inputs} or None
             source = Source(source.frame, schema, arrays)
         frame = source.frame
-        if schema.target not in frame.columns:
-            raise ValueError(f"target column {schema.target!r} is not in the table; columns: {list(frame.columns)}")
-        labels = frame[schema.target].to_numpy() if schema.task == "classification" else None
+        missing_cols = [c for c in schema.target_columns if c not in frame.columns]
+        if missing_cols:
+            raise ValueError(f"target column(s) {missing_cols} are not in the table; columns: {list(frame.columns)}")
+        strata = None
+        if schema.task in ("classification", "retrieval"):
+            strata = frame[schema.target].to_numpy()
+        elif schema.task == "survival":
+            strata = frame[schema.event].to_numpy()
         self.split = make_split(len(frame), val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
-                                stratify=labels)
+                                stratify=strata)
         if self.preprocessor is None and hp.preprocessor:
             self._ensure_preprocessor()
         if self.preprocessor is None:
@@ -158,12 +202,8 @@ class FusionDataModule(pl.LightningDataModule):
         return self.preprocessor.encoder_configs()
 
     @property
-    def num_outputs(self) -> int:
-        self._ensure_preprocessor()
-        return self.preprocessor.num_classes if self.task == "classification" else 1
-
-    @property
     def task(self) -> str:
+        """The schema's task kind (``classification``, ``regression``, ``multilabel``, ``survival``, ``retrieval``)."""
         self._ensure_preprocessor()
         return self.preprocessor.schema.task
 
@@ -173,24 +213,52 @@ class FusionDataModule(pl.LightningDataModule):
         return [s.name for s in self.preprocessor.schema.inputs]
 
     @property
-    def target_scale(self) -> tuple[float, float] | None:
-        """Regression: ``(mean, std)`` of the target over the train rows (the model learns the scaled target)."""
+    def target_info(self) -> dict[str, Any]:
+        """What the task needs to know about the target (:class:`attnfuse.train.tasks.TargetInfo` as a dict)."""
+        self._ensure_preprocessor()
+        pre = self.preprocessor
+        schema = pre.schema
+        info: dict[str, Any] = {"kind": schema.task, "classes": pre.classes, "target_names": list(schema.target_columns)}
+        if schema.task == "survival":
+            info["target_names"] = []
+        if schema.task == "regression":
+            info["target_scale"] = self.target_scale
+        counts = pre.stats.get("__counts__")
+        if counts is None and self.encoded is not None:
+            y = np.asarray(self.encoded.target)[self.split["train"]]
+            if schema.task in ("classification", "retrieval"):
+                counts = ([int(c) for c in np.bincount(y, minlength=len(pre.classes))], [float(len(y))])
+            elif schema.task == "multilabel":
+                counts = ([int(c) for c in y.sum(axis=0)], [float(len(y))])
+            if counts is not None:
+                pre.stats["__counts__"] = counts
+        if counts is not None:
+            info["class_counts"], info["num_train"] = counts[0], int(counts[1][0])
+        return info
+
+    @property
+    def target_scale(self) -> tuple[list[float], list[float]] | None:
+        """Regression: per-target ``(means, stds)`` over the train rows (the model learns the scaled target)."""
         self._ensure_preprocessor()
         if self.task != "regression":
             return None
         stats = self.preprocessor.stats.get("__target__")
         if stats is not None:  # a preprocessor saved by a run carries its target scale
-            return float(stats[0][0]), float(stats[1][0])
+            return [float(v) for v in stats[0]], [float(v) for v in stats[1]]
         self._load()
         y = np.asarray(self.encoded.target, dtype=np.float64)[self.split["train"]]
-        y = y[np.isfinite(y)]
-        mean, std = (float(y.mean()), float(y.std())) if len(y) else (0.0, 1.0)
-        std = std if std > 1e-12 else 1.0
-        self.preprocessor.stats["__target__"] = ([mean], [std])
-        return mean, std
+        y = y.reshape(len(y), -1)
+        means, stds = [], []
+        for col in y.T:
+            col = col[np.isfinite(col)]
+            mean, std = (float(col.mean()), float(col.std())) if len(col) else (0.0, 1.0)
+            means.append(mean)
+            stds.append(std if std > 1e-12 else 1.0)
+        self.preprocessor.stats["__target__"] = (means, stds)
+        return means, stds
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_path:
+        if stage == "predict" and (self.hparams.predict_path or self.predict_frame is not None):
             self._ensure_preprocessor()  # a new table: the training table is not needed
         else:
             self._load()
@@ -205,12 +273,12 @@ class FusionDataModule(pl.LightningDataModule):
         return TableDataset(encoded, self.split[part])
 
     def predict_dataset(self) -> TableDataset:
-        """Rows of ``predict_path`` (or the test split), preprocessed as the training rows were."""
+        """Rows of ``predict_frame`` / ``predict_path`` (or the test split), preprocessed as the training rows were."""
         self._ensure_preprocessor()
         path = self.hparams.predict_path
-        if not path:
+        if self.predict_frame is None and not path:
             return self.dataset("test")
-        frame = load_table(path)
+        frame = self.predict_frame if self.predict_frame is not None else load_table(path)
         arrays = text_arrays(frame, self.preprocessor.schema)
         encoded = self.preprocessor.transform(frame, arrays=arrays, require_target=False, allow_missing_inputs=True)
         if self.hparams.missing:

@@ -1,27 +1,28 @@
-"""Run experiments: fit + test one configuration, multi-seed tables, missing-input sweeps."""
+"""Run experiments from configs: fit + test one config (the same objects as ``attnfuse fit``), sweeps, seeds."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch import nn
 
 from attnfuse.train.datamodule import FusionDataModule
-from attnfuse.train.task import FusionTask, make_metrics
+from attnfuse.train.lightning_cli import add_default_callbacks, make_cli
+from attnfuse.train.module import FusionTask
 
-__all__ = ["RunResult", "evaluate", "fit_and_test", "mean_std", "missing_input_sweep"]
+__all__ = ["RunResult", "evaluate", "fit_and_test", "mean_std", "missing_input_sweep", "run_config"]
 
 
 @dataclass
 class RunResult:
-    """Metrics of one fitted configuration and the fitted task."""
+    """Metrics of one fitted configuration, the fitted module (best checkpoint's weights) and its data."""
 
     metrics: dict[str, float]
     task: FusionTask
@@ -29,60 +30,83 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fit_and_test(
-    data: FusionDataModule,
-    model: Mapping[str, Any],
+def run_config(
+    config: Mapping[str, Any],
     *,
-    seed: int = 0,
-    max_epochs: int = 30,
+    seed: int | None = None,
+    max_epochs: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = False,
-    accelerator: str = "cpu",
 ) -> RunResult:
-    """Seed everything, build :class:`FusionTask` from ``model`` kwargs, fit, pick nothing, test.
+    """Fit a fit config (the mapping a ``--config`` YAML holds), then validate and test the best checkpoint.
 
-    With ``out_dir``, CSV logs and the last checkpoint are written there.
+    The config is parsed and instantiated by the same LightningCLI as ``attnfuse fit`` (so every key
+    ``fit`` accepts works here and nothing else does), with the same defaults (early stopping and the
+    best checkpoint on the task's validation metric; ``patience`` at the top level as in the CLI).
+
+    Args:
+        config: ``{"data": ..., "model": ..., "trainer": ..., "seed_everything": ...}``.
+        seed: sets ``seed_everything`` and ``data.seed`` (split and initialisation).
+        max_epochs: overrides ``trainer.max_epochs``.
+        out_dir: run folder (CSV logs, checkpoints); default a temporary folder removed afterwards.
+        progress: show the progress bar.
+
+    Returns:
+        :class:`RunResult` with ``val_*`` and ``test_*`` metrics; ``task`` holds the best weights.
     """
-    pl.seed_everything(seed, workers=True, verbose=False)
-    data.setup("fit")
-    task = FusionTask(encoder_configs=data.encoder_configs, num_outputs=data.num_outputs, task=data.task,
-                      target_scale=data.target_scale, **dict(model))
-    logger = pl.loggers.CSVLogger(str(out_dir), name="", version="") if out_dir else False
-    trainer = pl.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=1, deterministic=True, logger=logger,
-        enable_checkpointing=out_dir is not None, enable_progress_bar=progress, enable_model_summary=False,
-        default_root_dir=str(out_dir) if out_dir else None,
-    )
-    trainer.fit(task, datamodule=data)
-    val = trainer.validate(task, datamodule=data, verbose=False)[0]
-    test = trainer.test(task, datamodule=data, verbose=False)[0]
-    return RunResult({**val, **test}, task, data)
+    cfg = copy.deepcopy({k: v for k, v in config.items()})
+    patience = int(cfg.pop("patience", 10))
+    for key in ("test_after_fit", "output", "attention", "tensorboard"):
+        cfg.pop(key, None)
+    if seed is not None:
+        cfg["seed_everything"] = seed
+        cfg["data"] = {**(cfg.get("data") or {}), "seed": seed}
+    trainer = dict(cfg.get("trainer") or {})
+    if max_epochs is not None:
+        trainer["max_epochs"] = max_epochs
+    trainer.setdefault("enable_progress_bar", progress)
+    trainer.setdefault("enable_model_summary", False)
+    with tempfile.TemporaryDirectory(prefix="attnfuse-run-") as tmp:
+        root = str(out_dir) if out_dir is not None else tmp
+        trainer["default_root_dir"] = root
+        trainer.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                      "init_args": {"save_dir": root, "name": "", "version": ""}}
+                           if out_dir is not None else False)
+        cfg["trainer"] = trainer
+        cli = make_cli(cfg, run=False)
+        add_default_callbacks(cli.trainer, cli.model, patience=patience)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        best = getattr(cli.trainer.checkpoint_callback, "best_model_path", "") or None
+        val = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        test = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    metrics = {k: float(v) for k, v in {**val[0], **test[0]}.items()}
+    return RunResult(metrics, cli.model, cli.datamodule, {"best_checkpoint": best, "epochs": cli.trainer.current_epoch})
+
+
+def fit_and_test(data: Mapping[str, Any], model: Mapping[str, Any], *, seed: int = 0, max_epochs: int = 30,
+                 out_dir: str | Path | None = None, progress: bool = False) -> RunResult:
+    """:func:`run_config` of ``{"data": data, "model": model}`` (config sections as mappings)."""
+    return run_config({"data": dict(data), "model": dict(model)}, seed=seed, max_epochs=max_epochs, out_dir=out_dir,
+                      progress=progress)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], *, task: str, num_outputs: int,
-             target_scale: tuple[float, float] | None = None) -> dict[str, float]:
-    """Metrics of ``model`` (in eval mode) over the batches of ``loader``: acc/f1/auroc or mae/rmse/r2.
-
-    ``target_scale``: regression ``(mean, std)`` the model's standardised outputs are mapped back with.
-    """
-    was_training = model.training
-    model.eval()
-    metrics = make_metrics(task, num_outputs)
+def evaluate(module: FusionTask, loader: Iterable[dict]) -> dict[str, float]:
+    """The task's metrics of ``module`` (in eval mode) over the batches of ``loader`` (no ``val_`` prefix)."""
+    was_training = module.training
+    module.eval()
+    metrics = module.task.make_metrics()
     for batch in loader:
-        pred = model(batch["inputs"])
-        if task == "classification":
-            prob = pred.softmax(-1)
-            metrics.update(prob[:, 1] if num_outputs == 2 else prob, batch["target"].long())
-        else:
-            scale = target_scale or (0.0, 1.0)
-            metrics.update(pred.squeeze(-1) * scale[1] + scale[0], batch["target"].to(pred.dtype))
-    model.train(was_training)
-    return {k: float(v) for k, v in metrics.compute().items()}
+        module.task.update_metrics(metrics, module(batch["inputs"]), batch["target"])
+    module.train(was_training)
+    out: dict[str, float] = {}
+    for k, v in metrics.compute().items():
+        out.update({kk: float(vv) for kk, vv in v.items()} if isinstance(v, Mapping) else {k: float(v)})
+    return out
 
 
 def missing_input_sweep(
-    model: nn.Module, data: FusionDataModule, *, part: str = "test", max_missing: int | None = None,
+    module: FusionTask, data: FusionDataModule, *, part: str = "test", max_missing: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate with every subset of inputs (up to ``max_missing`` of them) marked missing.
@@ -96,7 +120,7 @@ def missing_input_sweep(
     for m in range(limit + 1):
         for subset in itertools.combinations(names, m):
             loader = data.loader(data.dataset(part, missing=list(subset)))
-            metrics = evaluate(model, loader, task=data.task, num_outputs=data.num_outputs, target_scale=data.target_scale)
+            metrics = evaluate(module, loader)
             records.append({"missing": subset, "num_missing": m, **metrics})
     return records
 
