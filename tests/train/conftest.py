@@ -15,7 +15,7 @@ def table_config(tmp_path):
         cfg = {
             "seed_everything": 0,
             "data": {"dataset": "table", "batch_size": 32, "table": {"path": str(path), "schema": schema.to_dict()}},
-            "model": {"fusion": "early", "dim": 16, "heads": 2, "dropout": 0.1, "fusion_options": {"depth": 1}},
+            "model": {"fusion": {"class_path": "early", "init_args": {"depth": 1, "heads": 2, "dropout": 0.1}}, "dim": 16},
             "trainer": {"max_epochs": 2, "default_root_dir": str(tmp_path / "runs"), "enable_progress_bar": False,
                         "enable_model_summary": False, "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                                                    "init_args": {"save_dir": str(tmp_path / "runs")}}},

@@ -24,7 +24,8 @@ def test_fit_test_predict_with_a_missing_input(table_config):
     (run,) = _version_dirs(table_config.tmp)
     for name in ("config.yaml", "split.json", "preprocessor.json", "metrics.csv"):
         assert (run / name).exists(), name
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    (ckpt,) = (run / "checkpoints").glob("best-*.ckpt")  # the best epoch by val_acc, and the last one, are kept
     metrics = _metrics(run)
     assert metrics["val_acc"].notna().any() and metrics["train_loss"].notna().any()
 

@@ -22,7 +22,7 @@ def text_table(tmp_path, monkeypatch):
         return {"note": out}
 
     monkeypatch.setattr(datamodule, "text_arrays", fake_text_arrays)
-    monkeypatch.setattr("attnfuse.train.sources.text_arrays", fake_text_arrays)
+    monkeypatch.setattr("attnfuse.data.registry.text_arrays", fake_text_arrays)
     return {"path": str(path), "schema": schema.to_dict()}
 
 

@@ -11,9 +11,9 @@ from attnfuse.train.demo import run_demo
 
 @pytest.fixture(scope="module")
 def fitted():
-    data = FusionDataModule("synthetic_views", seed=0, batch_size=64)
-    run = fit_and_test(data, {"fusion": "early", "dim": 16, "heads": 2, "fusion_options": {"depth": 1}}, seed=0, max_epochs=3)
-    return run
+    data = {"dataset": "synthetic_views", "batch_size": 64}
+    model = {"fusion": {"class_path": "early", "init_args": {"depth": 1, "heads": 2}}, "dim": 16}
+    return fit_and_test(data, model, seed=0, max_epochs=3)
 
 
 def test_fit_and_test_reports_metrics(fitted):
@@ -25,11 +25,11 @@ def test_fit_and_test_reports_metrics(fitted):
 def test_missing_input_sweep_covers_every_subset_and_matches_manual_drop(fitted):
     data = fitted.data
     names = data.input_names
-    records = missing_input_sweep(fitted.task.model, data)
+    records = missing_input_sweep(fitted.task, data)
     assert len(records) == sum(math.comb(len(names), m) for m in range(len(names)))
     assert records[0]["missing"] == () and records[0]["num_missing"] == 0
     one = next(r for r in records if r["missing"] == (names[0],))
-    manual = evaluate(fitted.task.model, data.loader(data.dataset("test", missing=[names[0]])), task="classification", num_outputs=2)
+    manual = evaluate(fitted.task, data.loader(data.dataset("test", missing=[names[0]])))
     assert one["acc"] == pytest.approx(manual["acc"])
 
 
@@ -79,8 +79,8 @@ def test_seeds_cli_prints_mean_std_and_sweep(tmp_path, capsys):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"dataset": "synthetic_views"},
-                                   "model": {"fusion": "latent", "dim": 16, "heads": 2, "pooling": "mean",
-                                             "fusion_options": {"num_latents": 2}},
+                                   "model": {"fusion": {"class_path": "latent", "init_args": {"num_latents": 2, "heads": 2}},
+                                             "dim": 16, "pooling": "mean"},
                                    "trainer": {"max_epochs": 1}}))
     assert main(["seeds", "--config", str(cfg), "--seeds", "2", "--max-missing", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -9,43 +9,61 @@ import sys
 __all__ = ["main"]
 
 
+def _registries() -> dict[str, dict]:
+    """Every registry ``list`` shows and ``describe`` looks in: kind -> {name: object}."""
+    from attnfuse import fusion
+    from attnfuse.data import DATASETS
+    from attnfuse.ops import OPERATORS
+    from attnfuse.train.tasks import TASKS
+
+    return {"operator": {k: v.fn for k, v in OPERATORS.items()}, "fusion": dict(fusion.FUSIONS),
+            "block": dict(getattr(fusion, "BLOCKS", {})), "task": dict(TASKS), "dataset": dict(DATASETS)}
+
+
+def _first_line(obj: object) -> str:
+    return (inspect.getdoc(obj) or "").split("\n")[0][:80]
+
+
 def _list(_: argparse.Namespace) -> int:
-    from attnfuse.data import get_dataset, list_datasets
     from attnfuse.fusion import FUSIONS
     from attnfuse.ops import OPERATORS
     from attnfuse.ops.backends import list_backends
 
-    print("operators:")
+    reg = _registries()
+    print("operators (nn.Attention(op=NAME), fusion option op: NAME):")
     for name in sorted(OPERATORS):
-        print(f"  {name:<14} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
-    print("fusions:")
+        print(f"  {name:<16} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
+    print("fusions (model.fusion: NAME in a fit config):")
     for name, cls in sorted(FUSIONS.items()):
-        print(f"  {name:<14} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
-    print("datasets (offline catalog; `attnfuse describe NAME`):")
-    for name in list_datasets():
-        entry = get_dataset(name)
-        print(f"  {name:<14} {entry.description.split(chr(10))[0][:70]} (from {entry.package})")
+        print(f"  {name:<16} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
+    if reg["block"]:
+        print("fusion building blocks (Python: attnfuse.fusion; not fusions of named inputs):")
+        for name, cls in sorted(reg["block"].items()):
+            print(f"  {name:<16} {cls.__name__}")
+    print("tasks (model.task: NAME; default: the data schema's task):")
+    for name, cls in sorted(reg["task"].items()):
+        print(f"  {name:<16} {cls.__name__}: {_first_line(cls)}")
+    print("datasets (data.dataset: NAME; `attnfuse describe NAME` shows options):")
+    for name, spec in sorted(reg["dataset"].items()):
+        print(f"  {name:<16} {spec.summary}")
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from attnfuse.data import describe_dataset, list_datasets
-    from attnfuse.fusion import FUSIONS
-    from attnfuse.ops import OPERATORS
+    from attnfuse.data import describe_dataset
 
-    if args.name in list_datasets():
-        print(describe_dataset(args.name))
-        return 0
-    if args.name in OPERATORS:
-        obj = OPERATORS[args.name].fn
-    elif args.name in FUSIONS:
-        obj = FUSIONS[args.name]
-    else:
-        known = sorted(OPERATORS) + sorted(FUSIONS) + list_datasets()
+    reg = _registries()
+    hits = [(kind, entries[args.name]) for kind, entries in reg.items() if args.name in entries]
+    if not hits:
+        known = sorted({n for entries in reg.values() for n in entries})
         print(f"attnfuse: unknown name {args.name!r}; known: {', '.join(known)}", file=sys.stderr)
         return 2
-    print(f"{args.name}: {obj.__module__}.{obj.__qualname__}{inspect.signature(obj)}\n")
-    print(inspect.getdoc(obj))
+    for kind, obj in hits:
+        if kind == "dataset":
+            print(describe_dataset(args.name))
+            continue
+        print(f"{args.name} ({kind}): {obj.__module__}.{obj.__qualname__}{inspect.signature(obj)}\n")
+        print(inspect.getdoc(obj))
     return 0
 
 

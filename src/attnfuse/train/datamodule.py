@@ -17,7 +17,6 @@ from attnfuse.data import (
     Source,
     TableDataset,
     TablePreprocessor,
-    TableSchema,
     collate_fn,
     get_dataset,
     load_dataset,

@@ -20,25 +20,33 @@ import torch
 from attnfuse.data import collate_fn
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.report import markdown_table, plot_attention_heatmap, plot_missing_curve
-from attnfuse.train.runner import fit_and_test, mean_std, missing_input_sweep
+from attnfuse.train.runner import mean_std, missing_input_sweep, run_config
 
-__all__ = ["METHODS", "run_demo"]
+__all__ = ["METHODS", "demo_configs", "run_demo"]
 
-COMMON = {"dim": 64, "heads": 4, "dropout": 0.1, "lr": 2e-3}
+COMMON = {"dim": 64, "dropout": 0.1, "lr": 2e-3}
+
+
+def _fusion(name: str, **options: Any) -> dict[str, Any]:
+    return {"class_path": name, "init_args": {"heads": 4, "dropout": 0.1, **options}}
+
+
+#: the demo's methods: model sections of ordinary fit configs (what `attnfuse fit --config` takes)
 METHODS: dict[str, dict[str, Any]] = {
-    "concat-MLP (late baseline)": {"fusion": "concat_mlp", **COMMON},
-    "early attention fusion": {"fusion": "early", "pooling": "fusion", "fusion_options": {"depth": 2}, **COMMON},
-    "hierarchical fusion (1+1)": {
-        "fusion": "hierarchical", "pooling": "fusion",
-        "fusion_options": {"per_source_depth": 1, "cross_depth": 1}, **COMMON,
-    },
-    "early fusion + modality dropout 0.3": {
-        "fusion": "early", "pooling": "fusion", "fusion_options": {"depth": 2, "modality_dropout": 0.3}, **COMMON,
-    },
-    "latent bottleneck (4 latents)": {
-        "fusion": "latent", "pooling": "mean", "fusion_options": {"num_latents": 4, "depth": 1}, **COMMON,
-    },
+    "concat-MLP (late baseline)": {"baseline": "concat_mlp", **COMMON},
+    "early attention fusion": {"fusion": _fusion("early", depth=2), "pooling": "fusion", **COMMON},
+    "hierarchical fusion (1+1)": {"fusion": _fusion("hierarchical", per_source_depth=1, cross_depth=1), "pooling": "fusion",
+                                  **COMMON},
+    "early fusion + modality dropout 0.3": {"fusion": _fusion("early", depth=2, modality_dropout=0.3), "pooling": "fusion",
+                                            **COMMON},
+    "latent bottleneck (4 latents)": {"fusion": _fusion("latent", num_latents=4, depth=1), "pooling": "mean", **COMMON},
 }
+
+
+def demo_configs(dataset: str = "mfeat", *, inputs: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The demo as a list of fit configs: ``{method: {"data", "model"}}`` (each runs as ``attnfuse fit --config``)."""
+    data = {"dataset": dataset, "batch_size": 64, **({"inputs": inputs} if inputs else {})}
+    return {name: {"data": dict(data), "model": dict(model)} for name, model in METHODS.items()}
 
 
 def _say(msg: str) -> None:
@@ -62,32 +70,28 @@ def run_demo(*, out_dir: str | Path = "runs/demo", seeds: tuple[int, ...] = (0, 
 
 def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> dict[str, Any]:
     start = time.perf_counter()
-    data = {s: FusionDataModule(dataset, seed=s, batch_size=64) for s in seeds}
-    views = sorted(data[seeds[0]].input_names)
-    _say(f"attnfuse demo on {dataset}: {len(views)} views {views}, seeds {list(seeds)}, {max_epochs} epochs per run")
+    views = sorted(FusionDataModule(dataset, seed=seeds[0]).input_names)
+    _say(f"attnfuse demo on {dataset}: {len(views)} views {views}, seeds {list(seeds)}, up to {max_epochs} epochs per run")
+
+    def single(view: str) -> dict[str, Any]:
+        return {"data": {"dataset": dataset, "batch_size": 64, "inputs": [view]}, "model": {"baseline": "concat_mlp", **COMMON}}
 
     # 1. best single view, chosen on the validation split (seed 0), then trained on every seed
-    single = {}
-    for view in views:
-        dm = FusionDataModule(dataset, seed=seeds[0], inputs=[view])
-        single[view] = fit_and_test(dm, {"fusion": "concat_mlp", **COMMON}, seed=seeds[0], max_epochs=max_epochs)
-    best_view = max(views, key=lambda v: single[v].metrics["val_acc"])
-    _say("single views (val acc, seed 0): " + ", ".join(f"{v} {single[v].metrics['val_acc']:.3f}" for v in views))
-    methods = {f"best single view ({best_view})": {"fusion": "concat_mlp", **COMMON, "_inputs": [best_view]}, **METHODS}
+    chosen = {view: run_config(single(view), seed=seeds[0], max_epochs=max_epochs) for view in views}
+    best_view = max(views, key=lambda v: chosen[v].metrics["val_acc"])
+    _say("single views (val acc, seed 0): " + ", ".join(f"{v} {chosen[v].metrics['val_acc']:.3f}" for v in views))
+    configs = {f"best single view ({best_view})": single(best_view), **demo_configs(dataset)}
 
     # 2. every method on every seed
     results: dict[str, list] = defaultdict(list)
-    for name, cfg in methods.items():
-        cfg = dict(cfg)
-        inputs = cfg.pop("_inputs", None)
+    for name, cfg in configs.items():
         for s in seeds:
-            dm = data[s] if inputs is None else FusionDataModule(dataset, seed=s, inputs=inputs)
             t0 = time.perf_counter()
-            run = fit_and_test(dm, cfg, seed=s, max_epochs=max_epochs)
+            run = run_config(cfg, seed=s, max_epochs=max_epochs)
             run.extra["seconds"] = time.perf_counter() - t0
             results[name].append(run)
         accs = [r.metrics["test_acc"] for r in results[name]]
-        _say(f"  {name:<32} test acc {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f}")
+        _say(f"  {name:<36} test acc {np.mean(accs):.3f} ± {np.std(accs, ddof=1) if len(accs) > 1 else 0.0:.3f}")
 
     # 3. table
     rows, numbers = [], {}
@@ -104,12 +108,12 @@ def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> di
     for name in METHODS:
         per_m = defaultdict(list)
         for run in results[name]:
-            for rec in missing_input_sweep(run.task.model, run.data):
+            for rec in missing_input_sweep(run.task, run.data):
                 per_m[rec["num_missing"]].append(rec["acc"])
                 if run is results[name][0]:
                     sweeps.setdefault(name, []).append(rec)
         curves[name] = [(m, float(np.mean(v)), float(np.std(v))) for m, v in sorted(per_m.items())]
-    attention_methods = [n for n in METHODS if METHODS[n]["fusion"] != "concat_mlp"]
+    attention_methods = [n for n in METHODS if "fusion" in METHODS[n]]
     best_model = max(attention_methods, key=lambda n: numbers[n]["acc"][0])
     curve_png = plot_missing_curve(curves, out / "missing_views.png",
                                    title=f"{dataset}: accuracy with views missing at test time (3 seeds)")
@@ -127,8 +131,10 @@ def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> di
 
 Data: UCI Multiple Features (`mfeat`, real data: 2,000 handwritten digits, 10 classes, 6 feature views
 {', '.join(f'`{v}`' for v in views)}), stratified split 65 / 15 / 20 % per seed, features standardised on
-the train split. Each method trained {max_epochs} epochs (AdamW, cosine schedule) with seeds {list(seeds)};
-test metrics are mean ± std over seeds. The best single view was chosen on the validation split.
+the train split. Each method trained up to {max_epochs} epochs (AdamW, cosine schedule; early stopping and the
+best checkpoint on validation accuracy, the defaults of `attnfuse fit`) with seeds {list(seeds)}; test metrics
+are mean ± std over seeds. The best single view was chosen on the validation split. Every run is an ordinary
+fit config (`attnfuse.train.demo.demo_configs`).
 Produced by `make demo` (`attnfuse demo`) in {seconds:.0f} s.
 
 {table}

@@ -201,8 +201,9 @@ class AttnfuseCLI(LightningCLI):
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None,
                                         verbose=False, weights_only=True)
             metrics = results[0] if results else {}
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank calls it
         if self.trainer.is_global_zero:
-            print(fit_summary(self.trainer.log_dir or self.trainer.default_root_dir, best, metrics))
+            print(fit_summary(run_dir, best, metrics))
 
     def before_predict(self) -> None:
         cfg = self.config[self.subcommand]
