@@ -20,9 +20,10 @@ from attnfuse.models.fusion_model import (
     FusionModel,
     build_fusion_model,
     describe_factory,
+    factory_class,
     resolve_fusion,
 )
-from attnfuse.train.tasks import TargetInfo, Task, get_task, resolve_task
+from attnfuse.train.tasks import Classification, TargetInfo, Task, get_task, resolve_task
 
 __all__ = ["FusionTask", "import_class_path"]
 
@@ -62,7 +63,8 @@ class FusionTask(pl.LightningModule):
         fusion: the fusion: a class or ``class_path``/``init_args`` in a config (short names such as
             ``early``, ``EarlyFusion`` are accepted; ``attnfuse list`` shows them); every option has a default.
         task: the task type and its loss options (``Classification``, ``Multilabel``, ``Regression``,
-            ``Survival``, ``Retrieval``, or their registered names); default: the data schema's task.
+            ``Survival``, ``Retrieval``, or their registered names); default: the data schema's task
+            (with an evidential fusion, classification with the evidential loss).
         dim: token width of the encoders and the fusion.
         pooling: head pooling; ``"auto"`` reads the fusion token when it attends to the inputs.
         dropout: dropout in the head (and in the baseline MLP).
@@ -93,9 +95,11 @@ class FusionTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         info = TargetInfo.from_dict(target_info)
+        factory = _fusion_from(fusion)
+        if task is None and getattr(factory_class(factory), "output", "tokens") == "dirichlet" and info.kind == "classification":
+            task = Classification(loss="evidential")  # an evidential fusion outputs a Dirichlet opinion: train it as one
         self.task = _task_from(task, info.kind)
         self.task.bind(info)
-        factory = _fusion_from(fusion)
         self.save_hyperparameters(ignore=["model", "fusion", "task"])
         self.hparams["fusion"] = describe_factory(factory)
         self.hparams["task"] = self.task.describe()
