@@ -65,7 +65,7 @@ def test_nan_in_target(df):
 
 
 def test_regression_target_must_be_numeric(df):
-    with pytest.raises(SchemaError, match="task .regression. needs numeric values"):
+    with pytest.raises(SchemaError, match=r"task .regression. needs numeric values"):
         validate(df, _schema(task="regression"))
     validate(df, _schema(target="score", task="regression"))
 
@@ -93,7 +93,7 @@ def test_duplicate_names_and_columns():
 
 def test_bad_kind_policy_task_and_columns():
     with pytest.raises(SchemaError, match="kind must be one of"):
-        InputSpec("a", "image", ["x"])
+        InputSpec("a", "picture", ["x"])
     with pytest.raises(SchemaError, match="nan_policy must be one of"):
         InputSpec("a", "numeric", ["x"], nan_policy="drop")
     with pytest.raises(SchemaError, match="columns must be a list"):

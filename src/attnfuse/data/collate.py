@@ -2,7 +2,7 @@
 
 A *record* (one sample, what :class:`TableDataset` yields)::
 
-    {"inputs": {"vitals": tensor (F,), "notes": tensor (L, E) or None, ...},
+    {"inputs": {"vitals": tensor (F,), "notes": tensor (L, E) or None, "digit": tensor (C, H, W), ...},
      "present": {"vitals": True, "notes": False, ...},   # optional; default: value is not None
      "target": tensor (),                                 # optional
      "index": int}                                        # optional: row position in the table
@@ -10,12 +10,13 @@ A *record* (one sample, what :class:`TableDataset` yields)::
 A *batch* (what :func:`collate_fn` returns) holds only plain tensors in nested dicts, so
 Lightning and ``DataLoader`` move it between devices as is::
 
-    {"inputs": {name: {"x": (B, F) or (B, L, E), "mask": (B,) or (B, L) bool}},
+    {"inputs": {name: {"x": (B, F) or (B, L, E) or (B, C, H, W), "mask": (B,) or (B, L) bool}},
      "target": (B,), "index": (B,)}
 
-``mask`` has the shape of ``x`` without its last axis (the TokenSet convention): for a fixed-size
-input it is the per-sample presence; for a variable-length one, True for real (non-padding) tokens
-of present samples. A missing input has zeros in ``x`` and an all-False mask for that sample.
+For a fixed-size input ``(F,)`` or an image ``(C, H, W)``, ``mask`` is the per-sample presence
+``(B,)``; for a variable-length one ``(L, F)``, ``mask (B, L)`` is True for real (non-padding)
+tokens of present samples (the shape of ``x`` without its last axis, the TokenSet convention).
+A missing input has zeros in ``x`` and an all-False mask for that sample.
 :func:`attnfuse.encoders.encode_inputs` turns ``batch["inputs"]`` into ``{name: TokenSet}``.
 """
 
@@ -71,15 +72,15 @@ def _stack_input(name: str, values: list[Tensor | None], present: list[bool]) ->
         seqs = [v if v is not None else example.new_zeros((0, example.shape[1])) for v in values]
         x, mask = pad_sequences(seqs, present)
         return {"x": x, "mask": mask}
-    if example.dim() != 1:
-        raise ValueError(f"input {name!r}: per-sample values must be (F,) or (L, F), got {tuple(example.shape)}")
+    if example.dim() not in (1, 3):
+        raise ValueError(f"input {name!r}: per-sample values must be (F,), (L, F) or an image (C, H, W), got {tuple(example.shape)}")
     rows = [v if v is not None else torch.zeros_like(example) for v in values]
     shapes = {tuple(r.shape) for r in rows}
     if len(shapes) != 1:
         raise ValueError(f"input {name!r}: fixed-size values must share one shape across the batch, got {sorted(shapes)}")
     pres = torch.tensor(present, dtype=torch.bool)
-    x = torch.stack(rows)
-    x = torch.where(pres[:, None], x, torch.zeros_like(x))
+    x = torch.stack(rows)  # (B, F) or (B, C, H, W)
+    x = torch.where(pres.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x))
     return {"x": x, "mask": pres}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +13,7 @@ from attnfuse.data.catalog import fetch
 from attnfuse.data.table import InputSpec, TableSchema
 
 __all__ = [
+    "MFEAT_PIX_SHAPE",
     "MFEAT_VIEWS",
     "WOMENS_CLOTHING_CATEGORICAL",
     "WOMENS_CLOTHING_NUMERIC",
@@ -26,6 +27,10 @@ __all__ = [
 
 #: mfeat views and their widths, in the order :func:`load_mfeat` returns them.
 MFEAT_VIEWS: dict[str, int] = {"fac": 216, "fou": 76, "kar": 64, "mor": 6, "pix": 240, "zer": 47}
+
+#: ``(C, H, W)`` of the mfeat ``pix`` view: 16 rows x 15 columns, one channel, stored row-major
+#: (feature ``15 * i + j`` is row ``i`` from the top, column ``j`` from the left; grey levels 0..6).
+MFEAT_PIX_SHAPE: tuple[int, int, int] = (1, 16, 15)
 
 WOMENS_CLOTHING_TEXT = ("Title", "Review Text")
 WOMENS_CLOTHING_NUMERIC = ("Age", "Positive Feedback Count")
@@ -78,13 +83,46 @@ class MultiViewData:
         frame[label_column] = self.labels
         return frame
 
-    def schema(self, views: Sequence[str] | None = None, *, label_column: str = "label", kind: str = "vector") -> TableSchema:
-        """A :class:`TableSchema` for :meth:`to_frame`: one input per view (``kind`` vector or numeric)."""
+    def schema(
+        self,
+        views: Sequence[str] | None = None,
+        *,
+        label_column: str = "label",
+        kind: str = "vector",
+        image_views: Mapping[str, Sequence[int]] | None = None,
+    ) -> TableSchema:
+        """A :class:`TableSchema` for :meth:`to_frame`: one input per view.
+
+        Args:
+            views: the views to use as inputs (default all), in this order.
+            label_column: the target column of :meth:`to_frame`.
+            kind: the input kind of the views, ``"vector"`` or ``"numeric"``.
+            image_views: views to declare as ``image`` inputs instead, ``{view: (C, H, W) or (H, W)}``;
+                the view's features are the pixels in row-major order. For mfeat:
+                ``image_views={"pix": MFEAT_PIX_SHAPE}`` (a 16x15 digit).
+
+        Raises:
+            ValueError: an unknown view, or an image view that is not among ``views``.
+            SchemaError: an image shape whose size is not the view's width.
+
+        Example:
+            >>> data = load_mfeat()
+            >>> data.schema(image_views={"pix": (1, 16, 15)})["pix"].kind
+            'image'
+        """
         chosen = list(self.views) if views is None else list(views)
-        unknown = [v for v in chosen if v not in self.views]
+        images = dict(image_views or {})
+        unknown = [v for v in [*chosen, *images] if v not in self.views]
         if unknown:
             raise ValueError(f"unknown view(s) {unknown}; {self.name} has views {list(self.views)}")
-        inputs = [InputSpec(view, kind, self.columns(view)) for view in chosen]
+        unused = [v for v in images if v not in chosen]
+        if unused:
+            raise ValueError(f"image_views {unused} are not among the chosen views {chosen}")
+        inputs = [
+            InputSpec(view, "image", self.columns(view), shape=tuple(images[view])) if view in images
+            else InputSpec(view, kind, self.columns(view))
+            for view in chosen
+        ]
         return TableSchema(inputs=inputs, target=label_column, task="classification")
 
 
@@ -103,8 +141,9 @@ def _read_mfeat_view(path: os.PathLike, view: str, width: int) -> tuple[np.ndarr
 def load_mfeat(cache_dir: str | os.PathLike | None = None, *, views: Sequence[str] | None = None) -> MultiViewData:
     """UCI Multiple Features: 2,000 handwritten digits, 6 views, 10 classes (200 each).
 
-    Views (in this order): ``fac`` 216, ``fou`` 76, ``kar`` 64, ``mor`` 6, ``pix`` 240 (a 16x15
-    image, row-major), ``zer`` 47. Rows are sorted by class (0..9), so always split with a
+    Views (in this order): ``fac`` 216, ``fou`` 76, ``kar`` 64, ``mor`` 6, ``pix`` 240 (a digit
+    16 pixels high and 15 wide, row-major: :data:`MFEAT_PIX_SHAPE`; use it as an image input with
+    ``data.schema(image_views={"pix": MFEAT_PIX_SHAPE})``), ``zer`` 47. Rows are sorted by class (0..9), so always split with a
     shuffled (e.g. stratified) split. Values are the raw features (not standardised).
 
     Args:

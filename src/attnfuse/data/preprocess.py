@@ -5,6 +5,10 @@ means / standard deviations, target classes), saved with a run as JSON, and appl
 validation, test and prediction tables. :meth:`TablePreprocessor.transform` returns an
 :class:`EncodedTable`: one array per input plus a per-row presence mask; absent rows hold zeros
 (never NaN) and are marked absent, never silently zero-filled as if they were data.
+
+Image inputs are standardised per channel: one mean and one standard deviation per channel over
+all pixels of the training rows (a single pair for a one-channel image), so the pixel grid keeps
+its relative contrast; a row with any non-finite pixel is absent (``nan_policy="missing"``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attnfuse.data.table import SchemaError, TableSchema, validate
+from attnfuse.data.table import InputSpec, SchemaError, TableSchema, validate
 from attnfuse.data.targets import encode_target, fit_classes
 
 __all__ = ["EncodedTable", "TablePreprocessor", "category_key", "embed_text_inputs", "text_values"]
@@ -85,8 +89,9 @@ class EncodedTable:
 
     Attributes:
         values: ``{input: array}``: float32 ``(N, F)`` for numeric / vector / text, int64 ``(N, C)``
-            category codes (0 = unknown or missing) for categorical, or a list of N float32
-            ``(L_i, F)`` arrays for variable-length inputs. Absent rows hold zeros / length 0.
+            category codes (0 = unknown or missing) for categorical, float32 ``(N, C, H, W)`` for
+            image, or a list of N float32 ``(L_i, F)`` arrays for variable-length inputs. Absent
+            rows hold zeros / length 0.
         present: ``{input: bool (N,)}``, False where the input is absent for that row.
         target: the encoded target (see :mod:`attnfuse.data.targets`): int64 class indices ``(N,)``,
             float32 values ``(N,)`` / ``(N, T)``, or ``(N, 2)`` (time, event); None without a target.
@@ -106,7 +111,8 @@ class TablePreprocessor:
         schema: the table schema.
         classes: target classes (classification / retrieval), sorted; class index = position.
         vocabs: ``{categorical input: [[category keys of column 0], ...]}``; code = position + 1.
-        stats: ``{numeric/vector input read from columns: (means, stds)}`` (empty lists if not standardised).
+        stats: ``{numeric/vector input read from columns: (means, stds)}`` per feature, and
+            ``{image input: (means, stds)}`` per channel (absent if not standardised).
         array_dims: ``{vector/text input given by arrays: feature width}``.
         sequences: inputs given as variable-length sequences ``(L_i, F)``.
         standardize: whether numeric/vector columns are standardised with ``stats``.
@@ -142,7 +148,14 @@ class TablePreprocessor:
         pre = cls(schema=schema, standardize=standardize)
         pre.classes = fit_classes(df, schema)  # the class set comes from every row, statistics from ``rows``
         for spec in schema.inputs:
-            if spec.name in arrays:
+            if spec.kind == "image":
+                images = _image_values(df, spec, arrays.get(spec.name))  # (N, C, H, W)
+                if rows is not None:
+                    images = images[np.asarray(rows)]
+                stats = _fit_image_stats(spec, images, standardize)
+                if stats is not None:
+                    pre.stats[spec.name] = stats
+            elif spec.name in arrays:
                 arr = arrays[spec.name]
                 if isinstance(arr, np.ndarray) and arr.ndim == 2:
                     pre.array_dims[spec.name] = int(arr.shape[1])
@@ -207,6 +220,9 @@ class TablePreprocessor:
         present: dict[str, np.ndarray] = {}
         for spec in self.schema.inputs:
             name = spec.name
+            if spec.kind == "image":
+                values[name], present[name] = self._image(spec, df, arrays.get(name), absent=name in absent)
+                continue
             if name in self.array_dims:
                 values[name], present[name] = self._from_array(name, arrays.get(name), n)
                 if spec.kind == "text" and spec.columns and name not in absent:
@@ -237,6 +253,20 @@ class TablePreprocessor:
                 values[name], present[name] = _zero_absent(block.astype(np.float32), ok), ok
         target = self._target(df) if require_target else None
         return EncodedTable(values=values, present=present, target=target, num_rows=n)
+
+    def _image(self, spec: InputSpec, df: pd.DataFrame, arr: Any, *, absent: bool) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(N, C, H, W)`` standardised per channel, zeros where absent; presence ``(N,)``."""
+        n = len(df)
+        if absent:
+            return np.zeros((n, *spec.shape), np.float32), np.zeros(n, bool)
+        images = _image_values(df, spec, arr)  # (N, C, H, W) float64
+        bad = ~np.isfinite(images)
+        ok = ~bad.reshape(n, -1).any(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
+        if spec.name in self.stats:
+            mean, std = (np.asarray(a, dtype=np.float64)[None, :, None, None] for a in self.stats[spec.name])  # (1, C, 1, 1)
+            images = (images - mean) / std
+        images = np.where(bad | ~ok[:, None, None, None], 0.0, images)
+        return images.astype(np.float32), ok
 
     def _from_array(self, name: str, arr: Any, n: int) -> tuple[Any, np.ndarray]:
         width = self.array_dims[name]
@@ -274,11 +304,15 @@ class TablePreprocessor:
         """Constructor arguments per input for :func:`attnfuse.encoders.create_encoder` (add ``dim=``).
 
         Example: ``{"vitals": {"kind": "numeric", "num_features": 3}, "site": {"kind": "categorical",
-        "cardinalities": [4, 7]}, "notes": {"kind": "text", "embedding_dim": 384}}``.
+        "cardinalities": [4, 7]}, "notes": {"kind": "text", "embedding_dim": 384},
+        "digit": {"kind": "image", "channels": 1, "height": 16, "width": 15}}``.
         """
         out: dict[str, dict[str, Any]] = {}
         for spec in self.schema.inputs:
-            if spec.name in self.array_dims:
+            if spec.kind == "image":
+                c, h, w = spec.shape
+                out[spec.name] = {"kind": "image", "channels": c, "height": h, "width": w}
+            elif spec.name in self.array_dims:
                 key = "embedding_dim" if spec.kind == "text" else "in_features"
                 out[spec.name] = {"kind": spec.kind, key: self.array_dims[spec.name]}
             elif spec.kind == "categorical":
@@ -312,6 +346,51 @@ class TablePreprocessor:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TablePreprocessor:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _image_values(df: pd.DataFrame, spec: InputSpec, arr: Any) -> np.ndarray:
+    """The raw pixels of an image input as float64 ``(N, C, H, W)``: from ``arr`` if given, else its
+    columns in row-major order (column ``c*H*W + i*W + j`` -> channel ``c``, row ``i``, column ``j``).
+
+    Raises:
+        SchemaError: ``arr`` has neither shape ``(N, C, H, W)`` nor, for one channel, ``(N, H, W)``.
+    """
+    c, h, w = spec.shape
+    if arr is None:
+        block = df[list(spec.columns)].to_numpy(dtype=np.float64, na_value=np.nan)  # (N, C*H*W)
+        return block.reshape(len(df), c, h, w)
+    a = np.asarray(arr, dtype=np.float64)
+    if c == 1 and a.ndim == 3 and a.shape[1:] == (h, w):
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1:] != (c, h, w):
+        raise SchemaError(f"arrays[{spec.name!r}] has shape {a.shape}, expected (N, {c}, {h}, {w})")
+    return a
+
+
+def _fit_image_stats(spec: InputSpec, images: np.ndarray, standardize: bool) -> tuple[list[float], list[float]] | None:
+    """Per-channel (means, stds) over the pixels of the usable training images ``(n, C, H, W)``.
+
+    Raises:
+        SchemaError: no training row has a usable image.
+    """
+    n = len(images)
+    finite = np.isfinite(images)
+    if spec.nan_policy == "missing":  # only whole images count
+        keep = finite.reshape(n, -1).all(axis=1)
+        images, finite = images[keep], finite[keep]
+    if n and not finite.any():
+        raise SchemaError(f"image input {spec.name!r} is missing in every training row (a non-finite pixel makes a row's "
+                          "image absent); check its columns / arrays, or drop the input from the schema")
+    if not standardize or not n:
+        return None
+    count = finite.sum(axis=(0, 2, 3))  # (C,)
+    pixels = np.where(finite, images, 0.0)
+    mean = pixels.sum(axis=(0, 2, 3)) / np.maximum(count, 1)  # (C,)
+    var = (np.where(finite, pixels - mean[None, :, None, None], 0.0) ** 2).sum(axis=(0, 2, 3)) / np.maximum(count, 1)
+    std = np.sqrt(var)
+    std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+    mean = np.where(np.isfinite(mean) & (count > 0), mean, 0.0)
+    return mean.tolist(), std.tolist()
 
 
 def _zero_absent(block: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ the target is::
             InputSpec("site", "categorical", ["hospital", "ward"]),
             InputSpec("notes", "text", ["note"]),
             InputSpec("scan", "vector", [f"emb_{i}" for i in range(64)]),
+            InputSpec("digit", "image", [f"pix_{i}" for i in range(240)], shape=(1, 16, 15)),
         ],
         target="outcome",
         task="classification",
@@ -20,18 +21,24 @@ Missing values never turn into silent zeros. With ``nan_policy="missing"`` (the 
 ========================  ==========================================================================
 kind                      a row's input is *absent* (mask all False for that sample) when
 ========================  ==========================================================================
-numeric, vector           any of its cells is NaN / null
+numeric, vector, image    any of its cells is NaN / null
 categorical               all of its cells are null (a single null cell gets the reserved code 0)
 text                      all of its cells are null or blank (present cells are joined by newlines)
 ========================  ==========================================================================
 
 ``nan_policy="zero"`` keeps the input present and fills nulls (0.0, code 0, empty text);
 ``nan_policy="error"`` makes :func:`validate` reject any null in the group.
+
+An ``image`` input reads its pixels from its columns in row-major order: with ``shape=(C, H, W)``
+column ``c*H*W + i*W + j`` is channel ``c``, row ``i`` (top to bottom), column ``j`` (left to
+right); ``shape=(H, W)`` means one channel and is stored as ``(1, H, W)``. Its values may instead
+come from ``arrays=`` as ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +50,11 @@ import pandas as pd
 
 from attnfuse.data.targets import TASKS, check_target, target_columns
 
-__all__ = ["KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema", "load_table", "validate"]
+__all__ = ["ARRAY_KINDS", "KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema", "load_table", "validate"]
 
-KINDS = ("numeric", "categorical", "text", "vector")
+KINDS = ("numeric", "categorical", "text", "vector", "image")
+#: kinds whose values may come from precomputed ``arrays=`` instead of columns.
+ARRAY_KINDS = ("vector", "text", "image")
 NAN_POLICIES = ("missing", "error", "zero")
 
 
@@ -59,19 +68,27 @@ class InputSpec:
 
     Args:
         name: input name (the key of this input's tokens in the model).
-        kind: ``"numeric"``, ``"categorical"``, ``"text"`` or ``"vector"``.
-        columns: the table columns of this input. A ``vector`` or ``text`` input whose values
-            come from precomputed arrays (``arrays=`` of :func:`validate`) may list none.
+        kind: ``"numeric"``, ``"categorical"``, ``"text"``, ``"vector"`` or ``"image"``.
+        columns: the table columns of this input. A ``vector``, ``text`` or ``image`` input whose
+            values come from precomputed arrays (``arrays=`` of :func:`validate`) may list none.
         nan_policy: ``"missing"``, ``"error"`` or ``"zero"`` (see the module docstring).
+        shape: ``image`` only (required there): ``(C, H, W)`` or ``(H, W)`` (= ``(1, H, W)``);
+            stored as ``(C, H, W)``. With columns, ``C * H * W`` must equal their number; pixels
+            are read from the columns in row-major order (see the module docstring).
 
     Raises:
-        SchemaError: bad name, kind, policy or columns.
+        SchemaError: bad name, kind, policy, columns or shape.
+
+    Example:
+        >>> InputSpec("digit", "image", [f"pix_{i}" for i in range(240)], shape=(16, 15)).shape
+        (1, 16, 15)
     """
 
     name: str
     kind: str
     columns: tuple[str, ...] = field(default=())
     nan_policy: str = "missing"
+    shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,9 +108,36 @@ class InputSpec:
         if dup:
             raise SchemaError(f"input {self.name!r}: column(s) listed twice: {dup}")
         object.__setattr__(self, "columns", cols)
+        object.__setattr__(self, "shape", self._check_shape())
+
+    def _check_shape(self) -> tuple[int, int, int] | None:
+        where = f"input {self.name!r} ({self.kind})"
+        if self.kind != "image":
+            if self.shape is not None:
+                raise SchemaError(f"{where}: shape is only for image inputs; remove shape={self.shape!r}")
+            return None
+        shape = self.shape
+        if shape is None:
+            raise SchemaError(f"{where}: an image input needs shape=(C, H, W) or (H, W), e.g. shape=(1, 16, 15)")
+        if isinstance(shape, str) or not isinstance(shape, Iterable):
+            raise SchemaError(f"{where}: shape must be (C, H, W) or (H, W), got {shape!r}")
+        shape = tuple(shape)
+        if len(shape) not in (2, 3) or not all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise SchemaError(f"{where}: shape must be (C, H, W) or (H, W) of positive integers, got {shape!r}")
+        chw = tuple(int(s) for s in ((1, *shape) if len(shape) == 2 else shape))
+        size = math.prod(chw)
+        if self.columns and size != len(self.columns):
+            raise SchemaError(
+                f"{where}: shape {shape} holds {size} pixels but {len(self.columns)} columns are listed; "
+                "C * H * W must equal the number of columns (pixels are read from them in row-major order)"
+            )
+        return chw
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "columns": list(self.columns), "nan_policy": self.nan_policy}
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "columns": list(self.columns), "nan_policy": self.nan_policy}
+        if self.shape is not None:
+            out["shape"] = list(self.shape)
+        return out
 
 
 @dataclass(frozen=True)
@@ -202,9 +246,10 @@ class TableSchema:
         items = [{"name": k, **dict(v)} for k, v in raw.items()] if isinstance(raw, Mapping) else [dict(v) for v in raw]
         inputs = []
         for item in items:
-            extra = sorted(set(item) - {"name", "kind", "columns", "nan_policy"})
+            extra = sorted(set(item) - {"name", "kind", "columns", "nan_policy", "shape"})
             if extra or "kind" not in item:
-                raise SchemaError(f"input {item.get('name')!r}: keys are name, kind, columns, nan_policy; got {sorted(item)}")
+                raise SchemaError(f"input {item.get('name')!r}: keys are name, kind, columns, nan_policy, shape (image); "
+                                  f"got {sorted(item)}")
             inputs.append(InputSpec(**item))
         return cls(inputs=tuple(inputs), target=data.get("target"), task=data.get("task", "classification"),
                    time=data.get("time"), event=data.get("event"))
@@ -236,15 +281,25 @@ def _is_text(s: pd.Series) -> bool:
 def _check_input(df: pd.DataFrame, spec: InputSpec, array: Any, problems: list[str]) -> None:
     where = f"input {spec.name!r} ({spec.kind})"
     if not spec.columns and array is None:
-        problems.append(f"{where}: empty column group; list its columns, or pass its values in arrays= (vector/text only)")
+        problems.append(f"{where}: empty column group; list its columns, or pass its values in arrays= ({'/'.join(ARRAY_KINDS)} only)")
         return
-    if array is not None and spec.kind not in ("vector", "text"):
-        problems.append(f"{where}: arrays= is only for vector and text inputs")
+    if array is not None and spec.kind not in ARRAY_KINDS:
+        problems.append(f"{where}: arrays= is only for {', '.join(ARRAY_KINDS)} inputs")
     if array is not None and len(array) != len(df):
         problems.append(f"{where}: arrays[{spec.name!r}] has {len(array)} rows but the table has {len(df)}")
+    if array is not None and spec.kind == "image" and spec.shape is not None:
+        try:
+            got = tuple(np.shape(array))
+        except ValueError:  # ragged nested lists
+            got = ("ragged",)
+        ok = (spec.shape, spec.shape[1:]) if spec.shape[0] == 1 else (spec.shape,)
+        if got[1:] not in ok:
+            want = " or ".join(f"(N, {', '.join(map(str, s))})" for s in ok)
+            problems.append(f"{where}: arrays[{spec.name!r}] has shape {got}, expected {want}")
     for col in spec.columns:
         s = df[col]
-        if spec.kind in ("numeric", "vector") and not (pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)):
+        numeric = pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
+        if spec.kind in ("numeric", "vector", "image") and not numeric:
             problems.append(
                 f"{where}: column {col!r} has dtype {s.dtype}, expected a numeric dtype "
                 "(convert with pd.to_numeric, or declare the input as categorical/text)"
@@ -271,15 +326,16 @@ def validate(
     """Check that ``df`` matches ``schema``; raise one :class:`SchemaError` listing every problem.
 
     Checks: every column exists (unknown ones are listed with the available columns and close
-    matches); numeric/vector columns are numeric; text columns hold strings; the target exists, has
+    matches); numeric/vector/image columns are numeric; text columns hold strings; the target exists, has
     no nulls and (regression) is numeric; a target column is not also an input; groups are not
     empty; ``nan_policy="error"`` groups have no nulls; ``arrays`` belong to vector/text inputs and
-    have one row per table row.
+    have one row per table row (image arrays: the input's shape).
 
     Args:
         df: the table.
         schema: its schema.
-        arrays: precomputed values ``{input name: array (N, F) or list of N arrays (L_i, F) / None}``.
+        arrays: precomputed values ``{input name: array (N, F) or list of N arrays (L_i, F) / None}``;
+            for an image input an array ``(N, C, H, W)`` (or ``(N, H, W)`` with one channel).
         require_target: check the target column (False when predicting on a table without it).
         allow_missing_inputs: an input none of whose columns is in the table is absent for every
             row (e.g. predicting without that input) instead of an error.

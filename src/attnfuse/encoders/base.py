@@ -2,8 +2,9 @@
 
 Every encoder maps one raw input to a :class:`~attnfuse.tokens.TokenSet` of width ``dim``:
 ``encoder(x, mask) -> TokenSet``, where ``mask`` has the shape of ``x`` without its last axis (the
-per-sample presence ``(B,)`` for fixed-size inputs, ``(B, L)`` for padded sequences). Tokens of
-absent samples are zeros and masked out, so a missing input is exactly "not passed" for fusion.
+per-sample presence ``(B,)`` for fixed-size inputs, ``(B, L)`` for padded sequences; images
+``(B, C, H, W)`` take the presence ``(B,)``). Tokens of absent samples are zeros and masked out,
+so a missing input is exactly "not passed" for fusion.
 """
 
 from __future__ import annotations
