@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attnfuse.train import FusionDataModule, drop_inputs, evaluate, fit_and_test, mean_std, missing_input_sweep
+from attnfuse.train import drop_inputs, evaluate, fit_and_test, mean_std, missing_input_sweep
 from attnfuse.train.demo import run_demo
 
 

@@ -20,8 +20,6 @@ from attnfuse.data.catalog import DatasetEntry, DatasetUnavailableError, Member,
 from attnfuse.data.collate import TableDataset, collate_fn, pad_sequences
 from attnfuse.data.datasets import MultiViewData, load_mfeat, load_nutrimouse, load_womens_clothing, womens_clothing_schema
 from attnfuse.data.preprocess import EncodedTable, TablePreprocessor, embed_text_inputs, text_values
-from attnfuse.data.splits import Split, load_split, make_split, save_split
-from attnfuse.data.synthetic import make_synthetic_table, make_synthetic_views
 from attnfuse.data.registry import (
     DATASETS,
     DatasetSpec,
@@ -33,6 +31,8 @@ from attnfuse.data.registry import (
     register_dataset,
     text_arrays,
 )
+from attnfuse.data.splits import Split, load_split, make_split, save_split
+from attnfuse.data.synthetic import make_synthetic_table, make_synthetic_views
 from attnfuse.data.table import InputSpec, SchemaError, TableSchema, load_table, validate
 from attnfuse.data.targets import TASKS
 
@@ -42,13 +42,13 @@ __all__ = [
     "TASKS",
     "DatasetEntry",
     "DatasetSpec",
-    "Source",
     "DatasetUnavailableError",
     "EncodedTable",
     "InputSpec",
     "Member",
     "MultiViewData",
     "SchemaError",
+    "Source",
     "Split",
     "TableDataset",
     "TablePreprocessor",
