@@ -80,7 +80,7 @@ def graphs(batch=3, n=6, layers=4, seed=0):
 def layer_module(**kw):
     torch.manual_seed(0)
     kw.setdefault("num_layers", 4)
-    return LayerAttention("acts", D, heads=2, mlp_ratio=2.0, **kw).eval()
+    return LayerAttention(["acts"], D, heads=2, mlp_ratio=2.0, **kw).eval()
 
 
 def test_layer_attention_matches_written_out_equations():
@@ -151,6 +151,56 @@ def test_layer_attention_single_layer_and_fully_masked_graph():
     full = layer_module()
     empty = full({"acts": graphs().with_mask(torch.zeros(3, 6, 4, dtype=torch.bool))})
     assert torch.count_nonzero(empty.fused.x) == 0 and not empty.fused.valid().any()
+
+
+def per_layer(ts, names=("l0", "l1", "l2", "l3")):
+    """A (node, layer) history as one plain (B, N, D) source per layer."""
+    return {n: TokenSet(ts.x[:, :, i], ts.mask[:, :, i]) for i, n in enumerate(names)}
+
+
+def test_layer_attention_one_source_per_layer_equals_the_history_source():
+    torch.manual_seed(0)
+    names = ("l0", "l1", "l2", "l3")
+    hist = layer_module()
+    stacked = LayerAttention(list(names), D, heads=2, mlp_ratio=2.0).eval()
+    assert stacked.num_layers == 4
+    stacked.load_state_dict(hist.state_dict())
+    ts = graphs()
+    out, out_s = hist({"acts": ts}, return_weights=True), stacked(per_layer(ts, names), return_weights=True)
+    torch.testing.assert_close(out_s.fused.x, out.fused.x)
+    torch.testing.assert_close(out_s.weights["layer"], out.weights["layer"])
+    torch.testing.assert_close(out_s.per_source["l3"].x, out.per_source["acts"].x)
+    # the order given is the layer order: the last source asks
+    reordered = LayerAttention(list(reversed(names)), D, heads=2, mlp_ratio=2.0).eval()
+    reordered.load_state_dict(hist.state_dict())
+    assert not torch.allclose(reordered(per_layer(ts, names)).fused.x, out.fused.x)
+    # an absent layer equals an all-False one
+    layers = per_layer(ts, names)
+    absent = stacked({n: t for n, t in layers.items() if n != "l1"}).fused.x
+    masked = stacked(dict(layers, l1=layers["l1"].with_mask(torch.zeros(3, 6, dtype=torch.bool)))).fused.x
+    torch.testing.assert_close(absent, masked)
+
+
+def test_layer_attention_argument_errors():
+    with pytest.raises(ValueError, match="num_layers must be len"):
+        LayerAttention(["a", "b"], D, num_layers=3)
+    with pytest.raises(ValueError, match="sequence of names"):
+        LayerAttention("acts", D, num_layers=4)
+    stacked = LayerAttention(["a", "b"], D, heads=2)
+    with pytest.raises(ValueError, match="same token count"):
+        stacked({"a": TokenSet(torch.randn(2, 4, D)), "b": TokenSet(torch.randn(2, 5, D))})
+    with pytest.raises(ValueError, match="pass num_layers"):
+        LayerAttention(["acts"], D, heads=2)({"acts": graphs()})  # one source with 4 layers needs num_layers=4
+
+
+def test_axis_attention_defaults_attend_along_plain_tokens():
+    fuse = AxisAttention(["a", "b"], D, heads=2).eval()
+    assert fuse.axis == "token" and fuse.out_dim == D
+    g = torch.Generator().manual_seed(0)
+    a, b = TokenSet(torch.randn(2, 4, D, generator=g)), TokenSet(torch.randn(2, 7, D, generator=g))
+    out = fuse({"a": a, "b": b})
+    assert out.fused.x.shape == (2, 11, D)
+    torch.testing.assert_close(out.per_source["a"].x, fuse({"a": a}).per_source["a"].x)  # sources stay apart
 
 
 class _Export(nn.Module):

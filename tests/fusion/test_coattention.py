@@ -36,7 +36,7 @@ def manual_cross(attn, norm_q, norm_kv, x, ctx):
 
 def test_abfn_matches_written_out_formula():
     torch.manual_seed(0)
-    abfn = CoAttention("img", "gene", D, heads=2, head_dim=4, qkv_bias=False).eval()
+    abfn = CoAttention(["img", "gene"], D, heads=2, head_dim=4, qkv_bias=False, merge="concat_ffn").eval()
     inputs = make(pad=False)
     img, gene = inputs["img"].x, inputs["gene"].x
     f1 = manual_cross(abfn.cross_a, abfn.norm_q_a, abfn.norm_kv_a, img, gene)
@@ -65,8 +65,8 @@ def swapped_state(state):
 @pytest.mark.parametrize("merge", ["concat_ffn", "concat"])
 def test_modality_swap_with_parameter_sets_swaps_the_halves(merge):
     torch.manual_seed(0)
-    ab = CoAttention("img", "gene", D, heads=2, merge=merge).eval()
-    ba = CoAttention("gene", "img", D, heads=2, merge=merge).eval()
+    ab = CoAttention(["img", "gene"], D, heads=2, merge=merge).eval()
+    ba = CoAttention(["gene", "img"], D, heads=2, merge=merge).eval()
     ba.load_state_dict(swapped_state(ab.state_dict()))
     inputs = make()
     x_ab, x_ba = ab(inputs).fused.x, ba(inputs).fused.x
@@ -76,7 +76,7 @@ def test_modality_swap_with_parameter_sets_swaps_the_halves(merge):
 
 def test_token_symmetries():
     torch.manual_seed(0)
-    co = CoAttention("img", "gene", D, heads=2, merge="tokens").eval()
+    co = CoAttention(["img", "gene"], D, heads=2).eval()  # merge="tokens" is the default
     inputs = make(na=5, nb=4)
     perm = torch.tensor([3, 0, 4, 1, 2])
     out = co(inputs)
@@ -85,7 +85,7 @@ def test_token_symmetries():
     torch.testing.assert_close(out_p.per_source["img"].x, out.per_source["img"].x[:, perm], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_p.per_source["gene"].x, out.per_source["gene"].x, rtol=1e-5, atol=1e-5)
     # channel merge: a joint permutation of both sources permutes the fused tokens
-    abfn = CoAttention("img", "gene", D, heads=2).eval()
+    abfn = CoAttention(["img", "gene"], D, heads=2, merge="concat_ffn").eval()
     both = make()
     p4 = torch.tensor([2, 0, 3, 1])
     permuted = {n: TokenSet(t.x[:, p4], t.mask[:, p4]) for n, t in both.items()}
@@ -95,7 +95,7 @@ def test_token_symmetries():
 @pytest.mark.parametrize("merge", ["concat_ffn", "concat", "tokens"])
 def test_absent_equals_all_false_and_batch_consistency(merge):
     torch.manual_seed(0)
-    co = CoAttention("img", "gene", D, heads=2, merge=merge).eval()
+    co = CoAttention(["img", "gene"], D, heads=2, merge=merge).eval()
     inputs = make()
     masked = dict(inputs, gene=inputs["gene"].with_mask(torch.zeros(3, 4, dtype=torch.bool)))
     absent = {"img": inputs["img"]}
@@ -113,20 +113,20 @@ def test_absent_equals_all_false_and_batch_consistency(merge):
 
 
 def test_no_residual_zero_projections_make_output_input_independent():
-    co = CoAttention("img", "gene", D, heads=2)
+    co = CoAttention(["img", "gene"], D, heads=2, merge="concat_ffn")
     with torch.no_grad():
         for attn in (co.cross_a, co.cross_b):
             attn.proj.weight.zero_()
             attn.proj.bias.zero_()
     a, b = co(make(seed=1, pad=False)).fused.x, co(make(seed=2, pad=False)).fused.x
     torch.testing.assert_close(a, b)
-    residual = CoAttention("img", "gene", D, heads=2, residual=True)
+    residual = CoAttention(["img", "gene"], D, heads=2, merge="concat_ffn", residual=True)
     residual.load_state_dict(co.state_dict())
     assert not torch.allclose(residual(make(seed=1, pad=False)).fused.x, residual(make(seed=2, pad=False)).fused.x)
 
 
 def test_fully_masked_inputs_finite_gradients_and_errors():
-    co = CoAttention("img", "gene", D, heads=2)
+    co = CoAttention(["img", "gene"], D, heads=2, merge="concat_ffn")
     inputs = {n: TokenSet(t.x.requires_grad_(), t.mask) for n, t in make().items()}
     out = co(inputs)
     out.fused.x.square().sum().backward()
@@ -138,13 +138,19 @@ def test_fully_masked_inputs_finite_gradients_and_errors():
     with pytest.raises(ValueError, match="equal token counts"):
         co(make(na=4, nb=3))
     with pytest.raises(ValueError, match="merge"):
-        CoAttention("a", "b", D, heads=2, merge="sum")
+        CoAttention(["a", "b"], D, heads=2, merge="sum")
     with pytest.raises(ValueError, match="two different"):
-        CoAttention("a", "a", D, heads=2)
+        CoAttention(["a", "b"], D, heads=2, a="a", b="a")
+    with pytest.raises(ValueError, match="at least two"):
+        CoAttention(["a"], D)
+    with pytest.raises(ValueError, match="take no part"):
+        CoAttention(["a", "b", "c"], D, a="a", b="b")
+    with pytest.raises(ValueError, match="single b source"):
+        CoAttention(["a", "b", "c"], D, merge="concat")
 
 
 def test_bio_fusion_net_unscaled_bias_free_co_attention_options():
-    co = CoAttention("img", "gene", D, heads=1, scale=1.0, qkv_bias=False, pre_norm=False, merge="tokens")
+    co = CoAttention(["img", "gene"], D, heads=1, scale=1.0, qkv_bias=False, pre_norm=False, merge="tokens")
     assert co.cross_a.to_q.bias is None and co.cross_a.op_kwargs == {"scale": 1.0}
     # single key: the output does not depend on the query (BioFusionNet's batch-of-one pitfall, regression test)
     g = torch.Generator().manual_seed(0)
@@ -156,7 +162,7 @@ def test_bio_fusion_net_unscaled_bias_free_co_attention_options():
 
 def test_export_round_trip():
     torch.manual_seed(0)
-    model = TensorFusion(CoAttention("img", "gene", D, heads=2), ["img", "gene"]).eval()
+    model = TensorFusion(CoAttention(["img", "gene"], D, heads=2, merge="concat_ffn"), ["img", "gene"]).eval()
     inputs = make()
     args = tuple(t for n in ("img", "gene") for t in (inputs[n].x, inputs[n].mask))
     exported = torch.export.export(model, args)
@@ -164,3 +170,28 @@ def test_export_round_trip():
     other_args = [other["img"].x, other["img"].mask, other["gene"].x, torch.zeros_like(other["gene"].mask)]
     for got, want in zip(exported.module()(*other_args), model(*other_args)):
         torch.testing.assert_close(got, want)
+
+
+def test_several_b_sources_are_one_key_value_set_and_separate_queries():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    inputs = {n: TokenSet(torch.randn(2, k, D, generator=g), torch.rand(2, k, generator=g) > 0.2)
+              for n, k in (("age", 3), ("labs", 5), ("notes", 4))}
+    inputs = {n: t.with_mask(t.mask.index_fill(1, torch.tensor([0]), True)) for n, t in inputs.items()}
+    three = CoAttention(["age", "labs", "notes"], D, heads=2).eval()  # a = "age", b = labs + notes
+    assert three.a == "age" and three.b == ("labs", "notes") and three.out_dim == D
+    out = three(inputs, return_weights=True)
+    assert out.fused.x.shape == (2, 12, D) and out.layout == {"age": (0, 3), "labs": (3, 8), "notes": (8, 12)}
+    assert out.weights["cross.age"].shape == (2, 2, 3, 9) and out.weights["cross.notes"].shape == (2, 2, 4, 3)
+    # each b source's queries see only a: the same as a two-source module with the same weights
+    two = CoAttention(["age", "labs"], D, heads=2).eval()
+    two.load_state_dict(three.state_dict())
+    torch.testing.assert_close(out.per_source["labs"].x, two({n: inputs[n] for n in ("age", "labs")}).per_source["labs"].x)
+    # a's keys are every b token (masked): not the same as labs alone
+    assert not torch.allclose(out.per_source["age"].x, two({n: inputs[n] for n in ("age", "labs")}).per_source["age"].x)
+    # a written-out reference for a over the concatenated keys
+    kv = torch.cat([inputs["labs"].x, inputs["notes"].x], 1)
+    kv_mask = torch.cat([inputs["labs"].mask, inputs["notes"].mask], 1)
+    ref = three.cross_a(three.norm_q_a(inputs["age"].x * inputs["age"].mask[..., None]),
+                        context=three.norm_kv_a(kv * kv_mask[..., None]), context_mask=kv_mask)
+    torch.testing.assert_close(out.per_source["age"].x, ref * inputs["age"].mask[..., None])

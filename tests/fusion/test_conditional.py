@@ -12,7 +12,7 @@ D = 16
 def module(**kw):
     torch.manual_seed(0)
     kw.setdefault("num_conditions", 3)
-    return ConditionalCrossAttention("image", D, heads=2, mlp_ratio=2.0, **kw).eval()
+    return ConditionalCrossAttention(["image"], D, heads=2, mlp_ratio=2.0, **kw).eval()
 
 
 def image(batch=3, n=6, seed=0, pad=True):
@@ -73,7 +73,7 @@ def test_mixed_condition_batch_equals_per_condition_runs_and_conditions_differ()
 
 
 def test_condition_from_a_source_absent_equals_all_false():
-    cca = ConditionalCrossAttention("image", D, heads=2, condition_source="attr").eval()
+    cca = ConditionalCrossAttention(["image", "attr"], D, heads=2, context="image", condition_source="attr").eval()
     img = image()
     attr = TokenSet(torch.randn(3, 1, D))
     absent = cca({"image": img}).fused.x
@@ -96,10 +96,39 @@ def test_padding_equals_deletion_fully_masked_and_gradients():
     assert cca.table.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="condition= ids"):
         cca({"image": img})
-    with pytest.raises(ValueError, match="exactly one"):
-        ConditionalCrossAttention("image", D, heads=2)
-    with pytest.raises(ValueError, match="required"):
-        ConditionalCrossAttention("image", D, heads=2, condition_source="attr")({"attr": TokenSet(torch.randn(3, 1, D))})
+    with pytest.raises(ValueError, match="no condition"):
+        ConditionalCrossAttention(["image"], D, heads=2)
+    with pytest.raises(ValueError, match="at most one"):
+        ConditionalCrossAttention(["image", "attr"], D, condition_source="attr", num_conditions=2)
+    with pytest.raises(ValueError, match="must differ"):
+        ConditionalCrossAttention(["image", "attr"], D, context=["image", "attr"], condition_source="attr")
+    with pytest.raises(ValueError, match="take no part"):
+        ConditionalCrossAttention(["image", "attr", "z"], D, context="image", condition_source="attr")
+    # no context: no output positions (the same valid tokens as a fully masked context)
+    by_source = ConditionalCrossAttention(["image", "attr"], D, heads=2, context="image", condition_source="attr")
+    empty_out = by_source({"attr": TokenSet(torch.randn(3, 1, D))})
+    assert empty_out.fused.x.shape == (3, 0, D) and empty_out.per_source == {}
+
+
+def test_defaults_condition_on_the_first_source_and_update_the_others():
+    torch.manual_seed(0)
+    cca = ConditionalCrossAttention(["attr", "image", "text"], D, heads=2).eval()
+    assert cca.condition_source == ("attr",) and cca.context == ("image", "text") and cca.out_dim == D
+    g = torch.Generator().manual_seed(3)
+    attr, img, text = TokenSet(torch.randn(3, 2, D, generator=g)), image(), image(n=4, seed=1)
+    out = cca({"attr": attr, "image": img, "text": text}, return_weights=True)
+    assert out.fused.x.shape == (3, 10, D) and out.layout == {"image": (0, 6), "text": (6, 10)}
+    assert out.weights["cross"].shape == (3, 2, 1, 10)
+    # written out: the condition is attr's mean token, the context both sources' tokens
+    x = torch.cat([img.x * img.mask[..., None], text.x * text.mask[..., None]], 1)
+    mask = torch.cat([img.mask, text.mask], 1)
+    u = cca.cross(attr.x.mean(1, keepdim=True), context=cca.norm_context(x), context_mask=mask)
+    ref = (x + u) + cca.mlp(cca.norm_mlp(x + u))
+    torch.testing.assert_close(out.fused.x, ref * mask[..., None])
+    torch.testing.assert_close(out.per_source["text"].x, out.fused.x[:, 6:])
+    # the paper's setting is still one constructor away
+    table = ConditionalCrossAttention(["image"], D, num_conditions=3)
+    assert table.context == ("image",) and table.condition_source == ()
 
 
 class _Wrapped(nn.Module):

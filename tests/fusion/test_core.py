@@ -176,8 +176,9 @@ def test_latent_bottleneck_is_invariant_to_token_order():
     shuffled = {n: TokenSet(v.x[:, perms[n]], v.mask[:, perms[n]]) for n, v in inputs.items()}
     torch.testing.assert_close(fusion(inputs).fused.x, fusion(shuffled).fused.x, rtol=1e-5, atol=1e-5)
     assert LatentBottleneck(SOURCES, D, heads=2, latent_ratio=0.25, num_tokens=12).latents.shape[0] == 3
-    with pytest.raises(ValueError, match="exactly one"):
-        LatentBottleneck(SOURCES, D, heads=2)
+    assert LatentBottleneck(SOURCES, D).latents.shape[0] == 8  # the default
+    with pytest.raises(ValueError, match="at most one"):
+        LatentBottleneck(SOURCES, D, heads=2, num_latents=2, latent_ratio=0.5, num_tokens=4)
 
 
 def test_cross_attention_keys_and_values_from_different_sources():
@@ -350,3 +351,18 @@ def test_fusion_token_attends_flags():
     assert EarlyFusion(SOURCES, D, heads=2, depth=1).fusion_token_attends
     assert not LateFusion(SOURCES, D, heads=2, depth=1).fusion_token_attends
     assert LatentBottleneck.fusion_token_attends and CrossAttentionFusion.fusion_token_attends
+
+
+def test_defaults_of_the_core_fusions():
+    early, late, hier = EarlyFusion(SOURCES, D), LateFusion(SOURCES, D), HierarchicalFusion(SOURCES, D)
+    assert early.encoder.depth == 2 and all(e.depth == 0 for e in early.source_encoders.values())
+    assert late.encoder.depth == 0 and all(e.depth == 2 for e in late.source_encoders.values())
+    assert hier.encoder.depth == 1 and all(e.depth == 1 for e in hier.source_encoders.values())
+    assert early.out_dim == late.out_dim == hier.out_dim == D
+    cross = CrossAttentionFusion(["text", "audio", "video"], D)
+    assert cross.query == "text" and cross.keys == ("audio", "video") and cross.values == cross.keys
+    assert CrossAttentionFusion(["q"], D).keys == ()  # nothing to attend: a zero attention update
+    with pytest.raises(ValueError, match="one source"):
+        CrossAttentionFusion(SOURCES, D, query=["a", "b"])
+    with pytest.raises(ValueError, match="sequence of names"):
+        EarlyFusion("ab", D)

@@ -1,11 +1,12 @@
-"""EvidentialFusion (MEFN DTF / TMC): Dempster fold, exact missing-source identity, per pixel, opinions, conflict, export."""
+"""DempsterFusion (the rule over raw evidence: MEFN DTF, per pixel) and EvidentialFusion (the registered fusion with its own
+evidence heads, TMC): Dempster fold, exact missing-source identity, opinions, conflict, export."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnfuse.fusion as fusion_pkg
-from attnfuse.fusion import EvidentialFusion, TensorFusion, TokenSet
+from attnfuse.fusion import BLOCKS, FUSIONS, DempsterFusion, EvidentialFusion, EvidentialOutput, TensorFusion, TokenSet
 from attnfuse.ops import evidential as ev
 
 K = 3
@@ -18,13 +19,14 @@ def heads(batch=2, grid=(4, 5), names=("ct", "pet", "mri"), seed=0, dtype=torch.
 
 
 def test_zero_parameters_and_public_helpers():
-    fuse = EvidentialFusion(["ct", "pet"], num_classes=K)
-    assert EvidentialFusion.has_parameters is False and sum(p.numel() for p in fuse.parameters()) == 0
+    fuse = DempsterFusion(["ct", "pet"], num_classes=K)
+    assert DempsterFusion.has_parameters is False and BLOCKS["dempster"] is DempsterFusion
+    assert sum(p.numel() for p in fuse.parameters()) == 0
     assert fusion_pkg.dempster_combine is ev.dempster_combine and fusion_pkg.opinion_from_evidence is ev.opinion_from_evidence
 
 
 def test_equals_fold_of_the_opinion_space_rule():
-    fuse = EvidentialFusion(["ct", "mri", "pet"], num_classes=K)
+    fuse = DempsterFusion(["ct", "mri", "pet"], num_classes=K)
     inputs = heads()
     out = fuse(inputs)
     alphas = [F.softplus(inputs[n].x) + 1 for n in ("ct", "mri", "pet")]
@@ -35,7 +37,7 @@ def test_equals_fold_of_the_opinion_space_rule():
 
 
 def test_hand_computed_two_class_example():
-    fuse = EvidentialFusion(["a", "b"], num_classes=2, evidence="identity")
+    fuse = DempsterFusion(["a", "b"], num_classes=2, evidence="identity")
     e = {"a": TokenSet(torch.tensor([[[2.0, 0.0]]])), "b": TokenSet(torch.tensor([[[2.0, 0.0]]]))}
     out = fuse(e, return_weights=True)
     # b = (0.5, 0), u = 0.5 each; C = 0; b_fused = (0.25 + 0.25 + 0.25) / 1 = 0.75, u = 0.25 -> S = 8, alpha = (7, 1)
@@ -46,7 +48,7 @@ def test_hand_computed_two_class_example():
 
 
 def test_missing_source_is_vacuous_and_leaves_others_exactly_unchanged():
-    fuse = EvidentialFusion(["ct", "mri", "pet"], num_classes=K)
+    fuse = DempsterFusion(["ct", "mri", "pet"], num_classes=K)
     inputs = heads()
     two = fuse({n: inputs[n] for n in ("ct", "pet")}).fused.x
     masked = fuse(dict(inputs, mri=inputs["mri"].with_mask(torch.zeros(2, 4, 5, dtype=torch.bool)))).fused.x
@@ -66,9 +68,9 @@ def test_missing_source_is_vacuous_and_leaves_others_exactly_unchanged():
 
 def test_order_invariance_opinion_algebra_and_conflict():
     inputs = heads(seed=3)
-    a = EvidentialFusion(["ct", "mri", "pet"], num_classes=K)
+    a = DempsterFusion(["ct", "mri", "pet"], num_classes=K)
     renamed = {"z": inputs["ct"], "y": inputs["mri"], "x": inputs["pet"]}  # folded in the reverse order
-    b = EvidentialFusion(["x", "y", "z"], num_classes=K)
+    b = DempsterFusion(["x", "y", "z"], num_classes=K)
     out_a, out_b = a(inputs, return_weights=True), b(renamed, return_weights=True)
     torch.testing.assert_close(out_a.fused.x, out_b.fused.x, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out_a.weights["conflict"], out_b.weights["conflict"], rtol=1e-9, atol=1e-12)
@@ -82,7 +84,7 @@ def test_order_invariance_opinion_algebra_and_conflict():
 
 
 def test_per_voxel_equals_per_sample_and_extreme_conflict_is_finite():
-    fuse = EvidentialFusion(["ct", "pet"], num_classes=K)
+    fuse = DempsterFusion(["ct", "pet"], num_classes=K)
     vox = heads(grid=(2, 3, 2), names=("ct", "pet"))
     out = fuse(vox).fused.x
     flat = fuse({n: TokenSet(t.x.reshape(-1, 1, K)) for n, t in vox.items()}).fused.x
@@ -94,7 +96,7 @@ def test_per_voxel_equals_per_sample_and_extreme_conflict_is_finite():
 
 
 def test_gradients_and_errors():
-    fuse = EvidentialFusion(["ct", "pet"], num_classes=K)
+    fuse = DempsterFusion(["ct", "pet"], num_classes=K)
     inputs = {n: TokenSet(t.x.clone().requires_grad_(), None, t.axes) for n, t in heads(names=("ct", "pet")).items()}
     fuse(inputs, return_weights=True).weights["uncertainty"].sum().backward()
     assert all(torch.isfinite(t.x.grad).all() and t.x.grad.abs().sum() > 0 for t in inputs.values())
@@ -103,11 +105,11 @@ def test_gradients_and_errors():
     with pytest.raises(ValueError, match="width"):
         fuse({"ct": TokenSet(torch.randn(2, 4, K + 1))})
     with pytest.raises(ValueError, match="evidence"):
-        EvidentialFusion(["a"], num_classes=K, evidence="sigmoid")
+        DempsterFusion(["a"], num_classes=K, evidence="sigmoid")
 
 
 def test_export_round_trip():
-    model = TensorFusion(EvidentialFusion(["ct", "pet"], num_classes=K), ["ct", "pet"]).eval()
+    model = TensorFusion(DempsterFusion(["ct", "pet"], num_classes=K), ["ct", "pet"]).eval()
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 6, K, generator=g), torch.ones(2, 6, dtype=torch.bool), torch.randn(2, 6, K, generator=g),
             torch.ones(2, 6, dtype=torch.bool))
@@ -115,4 +117,61 @@ def test_export_round_trip():
     other = (torch.randn(2, 6, K, generator=g), torch.rand(2, 6, generator=g) > 0.5, torch.randn(2, 6, K, generator=g),
              torch.zeros(2, 6, dtype=torch.bool))
     for got, want in zip(exported.module()(*other), model(*other)):
+        torch.testing.assert_close(got, want)
+
+
+def tokens(names=("ct", "pet"), batch=3, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, n in enumerate(names):
+        mask = torch.rand(batch, 4 + i, generator=g) > 0.3
+        mask[:, 0] = True
+        out[n] = TokenSet(torch.randn(batch, 4 + i, d, generator=g, dtype=torch.float64), mask)
+    return out
+
+
+def test_evidential_fusion_is_pooled_heads_then_the_rule():
+    torch.manual_seed(0)
+    fuse = EvidentialFusion(["pet", "ct"], 8, num_classes=K, dtype=torch.float64)
+    assert FUSIONS["evidential"] is EvidentialFusion and fuse.output == "dirichlet" and fuse.out_dim == K
+    inputs = tokens()
+    out = fuse(inputs, return_weights=True)
+    assert isinstance(out, EvidentialOutput) and out.fused.x.shape == (3, 1, K) and out.fused.valid().all()
+    raw = {}
+    for n, t in inputs.items():
+        pooled = (t.x * t.mask[..., None]).sum(1, keepdim=True) / t.mask.sum(1)[:, None, None]
+        raw[n] = TokenSet(fuse.heads[n](pooled))
+    ref = DempsterFusion(["ct", "pet"], num_classes=K)(raw, return_weights=True)
+    torch.testing.assert_close(out.fused.x, ref.fused.x)
+    torch.testing.assert_close(out.weights["uncertainty"], ref.weights["uncertainty"])
+    torch.testing.assert_close(out.per_source["pet"].x, F.softplus(raw["pet"].x) + 1)
+    assert [a.shape for a in out.per_source_alpha] == [(3, K), (3, K)]  # sorted: ct, pet
+    torch.testing.assert_close(out.per_source_alpha[0], out.per_source["ct"].x[:, 0])
+
+
+def test_evidential_fusion_missing_sources_give_vacuous_opinions_for_the_loss_too():
+    fuse = EvidentialFusion(["ct", "pet"], 8, num_classes=K, dtype=torch.float64)
+    inputs = tokens()
+    masked = fuse(dict(inputs, pet=inputs["pet"].with_mask(torch.zeros_like(inputs["pet"].mask))))
+    absent = fuse({"ct": inputs["ct"]})
+    assert torch.equal(masked.fused.x, absent.fused.x)
+    for a, b in zip(masked.per_source_alpha, absent.per_source_alpha):
+        assert torch.equal(a, b)
+    assert torch.equal(absent.per_source_alpha[1], torch.ones(3, K, dtype=torch.float64))
+    nothing = fuse({n: t.with_mask(torch.zeros_like(t.mask)) for n, t in inputs.items()})
+    assert torch.equal(nothing.fused.x, torch.ones(3, 1, K, dtype=torch.float64)) and not nothing.fused.valid().any()
+
+
+def test_evidential_fusion_needs_num_classes_and_exports():
+    with pytest.raises(ValueError, match="num_classes"):
+        EvidentialFusion(["ct", "pet"], 8)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        EvidentialFusion(["ct", "pet"], 8, num_classes=1)
+    model = TensorFusion(EvidentialFusion(["ct", "pet"], 8, num_classes=K, dtype=torch.float64)).eval()
+    inputs = tokens()
+    args = tuple(t for n in ("ct", "pet") for t in (inputs[n].x, inputs[n].mask))
+    exported = torch.export.export(model, args)
+    other = tokens(seed=2)
+    other_args = (other["ct"].x, torch.zeros_like(other["ct"].mask), other["pet"].x, other["pet"].mask)
+    for got, want in zip(exported.module()(*other_args), model(*other_args)):
         torch.testing.assert_close(got, want)

@@ -82,7 +82,7 @@ def test_plain_backbone_without_context_and_after_remove():
 def test_adem_vl_wiring_matches_manual_forward():
     torch.manual_seed(0)
     backbone = Tiny().eval()
-    fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1)
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1)
     model = Inject(backbone, fuse, sites=lambda name, m: name.endswith(".mlp"), query="text", scale=0.1, init=None)
     assert model.sites == ("blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp")
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0

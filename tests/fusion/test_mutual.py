@@ -14,8 +14,11 @@ def maps(batch=2, h=3, w=4, seed=0):
 
 
 def module(**kw):
+    """GL-DMNet's setting: two maps on one grid, affinity swap, summed."""
     torch.manual_seed(0)
-    m = MutualAttention("rgb", "depth", C, reduction=4, **kw).eval()
+    kw.setdefault("form", "affinity_swap")
+    kw.setdefault("merge", "sum")
+    m = MutualAttention(["rgb", "depth"], C, reduction=4, **kw).eval()
     with torch.no_grad():
         m.gamma.copy_(torch.tensor([0.7, -0.4]))
         m.beta.copy_(torch.tensor([0.3, 0.5]))
@@ -23,7 +26,7 @@ def module(**kw):
 
 
 def test_zero_init_is_identity_and_shapes():
-    fuse = MutualAttention("rgb", "depth", C, reduction=4)
+    fuse = MutualAttention(["rgb", "depth"], C, reduction=4, form="affinity_swap", merge="sum")
     inputs = maps()
     out = fuse(inputs, return_weights=True)
     for n in ("rgb", "depth"):
@@ -56,7 +59,7 @@ def test_matches_written_out_equations(form):
 
 def test_swap_with_parameter_sets_swaps_outputs_and_self_consistency():
     fuse = module()
-    swapped = MutualAttention("depth", "rgb", C, reduction=4).eval()
+    swapped = MutualAttention(["depth", "rgb"], C, reduction=4, form="affinity_swap", merge="sum").eval()
     state = {}
     for key, value in fuse.state_dict().items():
         parts = key.split(".")
@@ -71,7 +74,7 @@ def test_swap_with_parameter_sets_swaps_outputs_and_self_consistency():
     for n in ("rgb", "depth"):
         torch.testing.assert_close(out.per_source[n].x, out_s.per_source[n].x)
     # identical maps and shared parameters give identical streams
-    shared = MutualAttention("rgb", "depth", C, reduction=4)
+    shared = MutualAttention(["rgb", "depth"], C, reduction=4, form="affinity_swap")
     with torch.no_grad():
         for lin in (shared.to_q, shared.to_k, shared.to_v):
             lin["b"].load_state_dict(lin["a"].state_dict())
@@ -89,7 +92,7 @@ def test_spatial_and_channel_permutation_equivariance():
     perm = torch.randperm(7, generator=g)
     out, out_p = fuse(seq), fuse({n: TokenSet(t.x[:, perm]) for n, t in seq.items()})
     torch.testing.assert_close(out_p.per_source["rgb"].x, out.per_source["rgb"].x[:, perm], rtol=1e-5, atol=1e-5)
-    cmf = MutualAttention("rgb", "depth", C, position=False).eval()
+    cmf = MutualAttention(["rgb", "depth"], C, position=False).eval()
     with torch.no_grad():
         cmf.beta.fill_(0.5)
     cperm = torch.randperm(C, generator=g)
@@ -148,7 +151,13 @@ def test_gradients_fully_masked_and_errors():
     with pytest.raises(ValueError, match="one grid"):
         fuse({"rgb": maps()["rgb"], "depth": feature_map_tokens(torch.randn(2, C, 2, 4))})
     with pytest.raises(ValueError, match="form"):
-        MutualAttention("a", "b", C, form="self")
+        MutualAttention(["a", "b"], C, form="self")
+    with pytest.raises(ValueError, match="merge"):
+        MutualAttention(["a", "b"], C, merge="mean")
+    with pytest.raises(ValueError, match="single b source"):
+        MutualAttention(["a", "b", "c"], C, gate=lambda x, m: torch.ones(x.shape[:-1]))
+    with pytest.raises(ValueError, match="form='cross'"):
+        MutualAttention(["a", "b", "c"], C, form="affinity_swap")({n: TokenSet(torch.randn(2, 3, C)) for n in "abc"})
 
 
 def test_export_round_trip():
@@ -162,3 +171,32 @@ def test_export_round_trip():
              torch.randn(2, 6, C, generator=g), torch.zeros(2, 6, dtype=torch.bool)]
     for got, want in zip(exported.module()(*other), model(*other)):
         torch.testing.assert_close(got, want)
+
+
+def test_defaults_fuse_any_number_of_sources_with_any_token_counts():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    inputs = {n: TokenSet(torch.randn(2, k, C, generator=g)) for n, k in (("a", 3), ("b", 5), ("c", 4))}
+    three = MutualAttention(["a", "b", "c"], C).eval()  # a = "a", b = b + c, form="cross", merge="tokens"
+    assert three.b == ("b", "c") and three.form == "cross" and three.merge == "tokens" and three.out_dim == C
+    with torch.no_grad():
+        three.gamma.copy_(torch.tensor([0.7, -0.4]))
+        three.beta.copy_(torch.tensor([0.3, 0.5]))
+    out = three(inputs, return_weights=True)
+    assert out.fused.x.shape == (2, 12, C) and out.layout == {"a": (0, 3), "b": (3, 8), "c": (8, 12)}
+    assert out.weights["position.a"].shape == (2, 1, 3, 9) and out.weights["position.c"].shape == (2, 1, 4, 3)
+    # each b source receives messages from a only: as in a two-source module with the same weights
+    two = MutualAttention(["a", "b"], C).eval()
+    two.load_state_dict(three.state_dict())
+    torch.testing.assert_close(out.per_source["b"].x, two({"a": inputs["a"], "b": inputs["b"]}).per_source["b"].x)
+    # a reads every b token: written out for the cross form
+    xb = torch.cat([inputs["b"].x, inputs["c"].x], 1)
+    xa = inputs["a"].x
+    p = torch.softmax(three.to_q["a"](xa) @ three.to_k["b"](xb).transpose(1, 2), -1) @ three.to_v["b"](xb)
+    x1 = xa + 0.7 * p
+    ref = x1 + 0.3 * (x1 @ torch.softmax(xb.transpose(1, 2) @ xb, -1).transpose(1, 2))
+    torch.testing.assert_close(out.per_source["a"].x, ref)
+    with pytest.raises(ValueError, match="single b source"):
+        three(inputs, gates={"b": torch.ones(2)})
+    with pytest.raises(ValueError, match="one grid"):
+        MutualAttention(["a", "b"], C, merge="sum")({"a": inputs["a"], "b": inputs["b"]})

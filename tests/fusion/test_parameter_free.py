@@ -24,14 +24,14 @@ def released_formula(x, xv, e1, e2, gamma):
 
 
 def test_zero_parameters_declared_and_true():
-    fuse = ParameterFreeCrossAttention("text", "visual")
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D)
     assert FUSIONS["parameter_free"].has_parameters is False
     assert sum(p.numel() for p in fuse.parameters()) == 0 and len(fuse.state_dict()) == 0
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.1, 0.25])
 def test_matches_released_formula_with_offsets(gamma):
-    fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=gamma)
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=gamma)
     inp = inputs()
     g = torch.Generator().manual_seed(1)
     e1, e2 = 0.02 * torch.randn(1, 20, D, generator=g), 0.1 * torch.randn(1, 20, D, generator=g)
@@ -42,7 +42,7 @@ def test_matches_released_formula_with_offsets(gamma):
 
 
 def test_identity_at_init_when_values_are_zero():
-    fuse = ParameterFreeCrossAttention("text", "visual")
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D)
     inp = inputs()
     zero_visual = TokenSet(torch.zeros(2, 20, D))
     out = fuse(dict(inp, visual=zero_visual), key_offset=0.02 * torch.randn(1, 20, D), value_offset=torch.zeros(1, 20, D))
@@ -50,7 +50,7 @@ def test_identity_at_init_when_values_are_zero():
 
 
 def test_visual_token_order_invariant_only_without_offsets():
-    fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1)
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1)
     inp = inputs()
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(2))
     shuffled = dict(inp, visual=TokenSet(inp["visual"].x[:, perm]))
@@ -64,7 +64,7 @@ def test_visual_token_order_invariant_only_without_offsets():
 
 
 def test_masks_absent_context_and_padding():
-    fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.2)
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.2)
     inp = inputs()
     absent = fuse({"text": inp["text"]}).fused.x
     masked = fuse(dict(inp, visual=inp["visual"].with_mask(torch.zeros(2, 20, dtype=torch.bool)))).fused.x
@@ -80,20 +80,35 @@ def test_masks_absent_context_and_padding():
 
 
 def test_gradients_heads_softmax_ablation_and_errors():
-    fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1, heads=2)
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1, heads=2)
     inp = {n: TokenSet(t.x.clone().requires_grad_()) for n, t in inputs().items()}
     e2 = torch.zeros(1, 20, D, requires_grad=True)
     fuse(inp, value_offset=e2).fused.x.square().sum().backward()
     assert all(t.x.grad.abs().sum() > 0 for t in inp.values()) and e2.grad.abs().sum() > 0
-    softmax = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.0, op="dense")
+    softmax = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.0, op="dense")
     w = softmax(inputs(), return_weights=True).weights["cross"]
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 1, 4))
     with pytest.raises(ValueError, match="drop_ratio"):
-        ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1, op="dense")
-    with pytest.raises(ValueError, match="required"):
-        fuse({"visual": inputs()["visual"]})
+        ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1, op="dense")
+    no_query = fuse({"visual": inputs()["visual"]}).fused  # no output positions, like a fully masked query
+    assert no_query.x.shape == (2, 0, D) and no_query.valid().shape == (2, 0)
+    with pytest.raises(ValueError, match="divide"):
+        ParameterFreeCrossAttention(["text", "visual"], D, heads=3)
+    with pytest.raises(ValueError, match="take no part"):
+        ParameterFreeCrossAttention(["text", "visual", "z"], D, context="visual")
+    with pytest.raises(ValueError, match="different sources"):
+        ParameterFreeCrossAttention(["text", "visual"], D, query="text", context="text")
     with pytest.raises(ValueError, match="key_offset"):
         fuse(inputs(), key_offset=torch.zeros(1, 7, D))
+
+
+def test_defaults_query_the_first_source_over_every_other_one():
+    fuse = ParameterFreeCrossAttention(["text", "v1", "v2"], D)
+    assert fuse.query == "text" and fuse.context == ("v1", "v2") and fuse.out_dim == D
+    inp = inputs()
+    split = {"text": inp["text"], "v1": TokenSet(inp["visual"].x[:, :12]), "v2": TokenSet(inp["visual"].x[:, 12:])}
+    two = ParameterFreeCrossAttention(["text", "visual"], D)
+    torch.testing.assert_close(fuse(split).fused.x, two(inp).fused.x, rtol=1e-5, atol=1e-5)
 
 
 def test_multiscale_bank_pools_block_means_and_respects_masks():
@@ -116,7 +131,7 @@ def test_multiscale_bank_pools_block_means_and_respects_masks():
 
 
 def test_export_round_trip():
-    model = TensorFusion(ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1), ["text", "visual"]).eval()
+    model = TensorFusion(ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1), ["text", "visual"]).eval()
     inp = inputs()
     args = (inp["text"].x, torch.ones(2, 4, dtype=torch.bool), inp["visual"].x, torch.ones(2, 20, dtype=torch.bool))
     exported = torch.export.export(model, args)

@@ -1,15 +1,29 @@
 """Fusion of any number of named sources given as :class:`TokenSet` s.
 
-Every fusion module takes ``{name: TokenSet}`` and returns a :class:`FusionOutput`; a source that
-is absent or fully masked behaves exactly as if it were not passed. See ``docs/fusion.md``.
+Every registered fusion (``FUSIONS``) is built as ``cls(sources, dim, **options)`` with a default for
+every option, takes ``{name: TokenSet}`` and returns a :class:`FusionOutput` whose ``fused`` width is
+``module.out_dim``; a source that is absent or fully masked behaves exactly as if it were not passed.
+Building blocks that are not fusions of named sources (``Inject``, ``BudgetRouter``,
+``DempsterFusion``) are in ``BLOCKS``. See ``docs/fusion.md`` and ``docs/fusion-modules.md``.
 """
 
-from attnfuse.fusion._registry import FUSIONS, SYMMETRIES, get_fusion, list_fusions, register_fusion
+from attnfuse.fusion._registry import (
+    BLOCKS,
+    FUSIONS,
+    OUTPUTS,
+    SYMMETRIES,
+    get_block,
+    get_fusion,
+    list_blocks,
+    list_fusions,
+    register_block,
+    register_fusion,
+)
 from attnfuse.fusion.axis import AxisAttention, LayerAttention
 from attnfuse.fusion.coattention import CoAttention
 from attnfuse.fusion.conditional import ConditionalCrossAttention
 from attnfuse.fusion.cross import CrossAttentionFusion
-from attnfuse.fusion.evidential import EvidentialFusion
+from attnfuse.fusion.evidential import DempsterFusion, EvidentialFusion, EvidentialOutput
 from attnfuse.fusion.export import TensorFusion
 from attnfuse.fusion.gated import GatedFusion
 from attnfuse.fusion.inject import Inject
@@ -23,15 +37,19 @@ from attnfuse.ops.evidential import dempster_combine, opinion_from_evidence
 from attnfuse.tokens import TokenSet
 
 __all__ = [
+    "BLOCKS",
     "FUSIONS",
+    "OUTPUTS",
     "SYMMETRIES",
     "AxisAttention",
     "BudgetRouter",
     "CoAttention",
     "ConditionalCrossAttention",
     "CrossAttentionFusion",
+    "DempsterFusion",
     "EarlyFusion",
     "EvidentialFusion",
+    "EvidentialOutput",
     "FusionOutput",
     "GatedFusion",
     "HierarchicalFusion",
@@ -49,10 +67,13 @@ __all__ = [
     "dempster_combine",
     "feature_map",
     "feature_map_tokens",
+    "get_block",
     "get_fusion",
+    "list_blocks",
     "list_fusions",
     "multiscale_bank",
     "opinion_from_evidence",
+    "register_block",
     "register_fusion",
     "run_where",
 ]

@@ -50,11 +50,17 @@ class AxisAttention(nn.Module):
     projection, no residual and no MLP (BioFusionNet's patch self-attention; ``scale=1.0`` for its
     unscaled form; sum or mean the result over the axis with :mod:`attnfuse.heads`).
 
+    With the defaults (``axis="token"``) it works on plain ``(B, N, D)`` token sets from any number
+    of sources: each source's tokens self-attend (shared weights), and sources do not see each other;
+    ``fused`` is the concatenation. Use it as a per-source encoder stage before another fusion, or on
+    multi-axis sources (``axis="time"`` etc.).
+
     Args:
         sources: source names this module may receive.
-        dim: token width ``D``.
-        axis: the axis name to attend along (every passed source must have it).
-        heads: attention heads.
+        dim: token width ``D`` (also ``out_dim``).
+        axis: the axis name to attend along (every passed source must have it; default ``"token"``,
+            the axis of a plain ``(B, N, D)`` TokenSet).
+        heads: attention heads (must divide ``dim``).
         depth: number of blocks (``block="transformer"``).
         block: ``"transformer"`` or ``"attention"``.
         scale: score scale (None: ``1/sqrt(head_dim)``).
@@ -79,14 +85,15 @@ class AxisAttention(nn.Module):
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
         sources: Sequence[str],
         dim: int,
         *,
-        axis: str,
-        heads: int,
+        axis: str = "token",
+        heads: int = 4,
         depth: int = 1,
         block: Literal["transformer", "attention"] = "transformer",
         scale: float | None = None,
@@ -109,7 +116,7 @@ class AxisAttention(nn.Module):
         opts = dict(op_options or {})
         if scale is not None:
             opts["scale"] = scale
-        self.axis, self.block = axis, block
+        self.axis, self.block, self.out_dim = axis, block, dim
         self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)
         if block == "transformer":
             self.encoder = Encoder(dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
@@ -170,8 +177,11 @@ class AxisAttention(nn.Module):
 class LayerAttention(nn.Module):
     """HISTOGRAPH: layer-wise attention over a GNN's activation history, then node-wise self-attention.
 
-    Input: one source ``x (B, N, L, D)`` with axes ``(node_axis, layer_axis)`` (either order), the
-    activations of ``L`` layers for ``N`` nodes (layer 0 = input embedding, ``L - 1`` = last)::
+    The activations of ``L`` layers for ``N`` nodes (layer 0 = input embedding, ``L - 1`` = last)
+    come either as **one source** ``x (B, N, L, D)`` with axes ``(node_axis, layer_axis)`` (either
+    order; the paper's input), or as **one source per layer**: ``sources[l]`` (the order given) is
+    layer ``l`` and holds plain tokens ``(B, N, D)`` (any token axes, flattened), every source with
+    the same ``N`` (token ``v`` of every source is node ``v``). Then::
 
         X'_{v,l} = Proj_l(X_{v,l}) + P_l                 # per-layer linear projection, layer code P
         q_v      = X'_{v,L-1} W_Q,    k_{v,l} = X'_{v,l} W_K          # query from the last layer
@@ -181,21 +191,28 @@ class LayerAttention(nn.Module):
         Z        = Encoder(H, node mask)                  # node-wise self-attention, no node positions
         G        = mean over valid nodes of Z             # readout="mean"
 
+    A node is valid where any layer is; an absent layer source is the same as an all-False one (its
+    tokens are zeros that take part as masked positions do: ``X' = Proj_l(0) + P_l``). A node token
+    masked in one layer is zero there. With one source per layer the last source asks (``q``), so the
+    order of ``sources`` matters (declared by the order given, not the sorted one).
+
     Guard (a deviation the method needs): with ``s = sum_l c_l``, the denominator is
     ``sign(s) * max(|s|, eps)`` (``sign(0) = +1``), so ``sum_l alpha_l = 1`` exactly unless
     ``|s| < eps``, and the output stays finite at ``s = 0``.
 
     ``readout="mean"``: ``fused`` is ``G (B, 1, D)`` (invariant to node order; the class
     declaration). ``readout=None``: ``fused`` is ``Z (B, N, D)`` and the instance declares
-    ``symmetry = "equivariant"``. ``per_source[source]`` is always ``Z``. The layer axis is ordered
-    by design (last-layer query, layer codes).
+    ``symmetry = "equivariant"``. ``per_source[name]`` is ``Z`` on the nodes valid in that source.
+    The layer axis is ordered by design (last-layer query, layer codes).
 
     Args:
-        source: the source name (activations with node and layer axes).
-        dim: width ``D``.
-        num_layers: ``L`` (for the per-layer projections and the layer codes).
-        heads: heads of the node-wise attention.
-        layer_axis, node_axis: axis names.
+        sources: one name (activations with node and layer axes, or a single layer), or one name
+            per layer, first layer first.
+        dim: width ``D`` (also ``out_dim``).
+        num_layers: ``L`` (for the per-layer projections and the layer codes); default
+            ``len(sources)``. Give it for one source with a layer axis (``L`` of that axis).
+        heads: heads of the node-wise attention (must divide ``dim``).
+        layer_axis, node_axis: axis names of a single (node, layer) source.
         normalize: ``"signed_sum"`` (the method) or ``"softmax"`` (the ablation).
         layer_proj: per-layer projections ``Proj_l`` (False: identity).
         layer_pe: ``"sinusoidal"`` (fixed), ``"learned"`` (GCAV-style) or None.
@@ -206,29 +223,34 @@ class LayerAttention(nn.Module):
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: bad options; at call time, a missing source, wrong axes or ``L != num_layers``.
+        ValueError: bad options, ``num_layers != len(sources)`` with several sources; at call time,
+            wrong axes, ``L != num_layers``, or layer sources with different token counts.
 
     Shapes:
-        ``{source: TokenSet (B, N, L, D)}`` -> ``fused (B, 1, D)`` or ``(B, N, D)``; weights
-        ``"layer" (B, L)`` (the alphas) and ``"node.<i>" (B, H, N, N)``.
+        ``{source: TokenSet (B, N, L, D)}`` or ``{layer_l: TokenSet (B, N, D)}`` -> ``fused (B, 1, D)``
+        or ``(B, N, D)``; weights ``"layer" (B, L)`` (the alphas) and ``"node.<i>" (B, H, N, N)``.
 
     Example:
-        >>> hist = LayerAttention("acts", 16, num_layers=4, heads=2)
+        >>> hist = LayerAttention(["acts"], 16, num_layers=4, heads=2)
         >>> acts = TokenSet(torch.randn(2, 10, 4, 16), axes=("node", "layer"))
         >>> hist({"acts": acts}).fused.x.shape
+        torch.Size([2, 1, 16])
+        >>> per_layer = LayerAttention(["l0", "l1", "l2"], 16)   # three layers, one source each
+        >>> per_layer({f"l{i}": TokenSet(torch.randn(2, 10, 16)) for i in range(3)}).fused.x.shape
         torch.Size([2, 1, 16])
     """
 
     symmetry: ClassVar[str] = "invariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
-        source: str,
+        sources: Sequence[str],
         dim: int,
         *,
-        num_layers: int,
-        heads: int,
+        num_layers: int | None = None,
+        heads: int = 4,
         layer_axis: str = "layer",
         node_axis: str = "node",
         normalize: Literal["signed_sum", "softmax"] = "signed_sum",
@@ -245,6 +267,14 @@ class LayerAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)  # validates the names
+        self.layer_sources = tuple(sources)  # layer order: as given
+        if num_layers is None:
+            num_layers = len(self.layer_sources)
+        if len(self.layer_sources) > 1 and num_layers != len(self.layer_sources):
+            raise ValueError(f"with several sources each source is one layer: num_layers must be len(sources)="
+                             f"{len(self.layer_sources)} (or None), got {num_layers}")
         if normalize not in ("signed_sum", "softmax"):
             raise ValueError(f"normalize must be 'signed_sum' or 'softmax', got {normalize!r}")
         if layer_pe not in ("sinusoidal", "learned", None):
@@ -253,12 +283,10 @@ class LayerAttention(nn.Module):
             raise ValueError(f"readout must be 'mean' or None, got {readout!r}")
         if num_layers < 1 or node_depth < 0 or eps <= 0:
             raise ValueError(f"need num_layers >= 1, node_depth >= 0, eps > 0, got {num_layers=}, {node_depth=}, {eps=}")
-        dd = {"device": device, "dtype": dtype}
-        self.source, self.layer_axis, self.node_axis = source, layer_axis, node_axis
+        self.layer_axis, self.node_axis, self.out_dim = layer_axis, node_axis, dim
         self.normalize, self.readout, self.eps, self.num_layers = normalize, readout, eps, num_layers
         if readout is None:
             self.symmetry = "equivariant"
-        self.embed = SourceEmbedding([source], dim, type_embedding=None, **dd)
         self.proj_weight = self.proj_bias = None
         if layer_proj:
             bound = 1.0 / math.sqrt(dim)  # nn.Linear's default initialisation, one matrix per layer
@@ -287,19 +315,40 @@ class LayerAttention(nn.Module):
         sign = torch.where(s < 0, -torch.ones_like(s), torch.ones_like(s))
         return c / torch.where(s.abs() < self.eps, sign * self.eps, s)
 
+    def _history(self, inputs: Mapping[str, TokenSet]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``x (B, N, L, D)``, ``mask (B, N, L)`` and each present source's mask ``(B, N)`` over nodes."""
+        if len(self.layer_sources) == 1 and inputs[self.layer_sources[0]].x.dim() == 4:  # one (node, layer) source
+            name = self.layer_sources[0]
+            ts = inputs[name]
+            if set(ts.axes) != {self.node_axis, self.layer_axis}:
+                raise ValueError(f"source {name!r} must have axes ({self.node_axis!r}, {self.layer_axis!r}), got {ts.axes}")
+            x, mask = (ts.x if ts.pos is None else ts.x + ts.pos), ts.valid()
+            if ts.axes[0] == self.layer_axis:  # to (B, N, L, D)
+                x, mask = x.transpose(1, 2), mask.transpose(1, 2)
+            return x, mask, {name: mask.any(dim=2)}
+        flat = {n: inputs[n].flatten() for n in self.layer_sources if n in inputs}
+        counts = {n: ts.x.shape[1] for n, ts in flat.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"LayerAttention stacks its sources as layers of the same nodes: every source needs the same "
+                             f"token count, got {counts}")
+        ref = next(iter(flat.values())).x
+        xs, masks = [], []
+        for name in self.layer_sources:
+            if name in flat:
+                xs.append(flat[name].x)
+                masks.append(flat[name].valid())
+            else:  # absent layer: the same as an all-False one
+                xs.append(torch.zeros_like(ref))
+                masks.append(torch.zeros(ref.shape[:2], dtype=torch.bool, device=ref.device))
+        return torch.stack(xs, dim=2), torch.stack(masks, dim=2), {n: ts.valid() for n, ts in flat.items()}  # (B, N, L, D)
+
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Layer attention, node attention, readout; see the class docstring."""
         self.embed.check(inputs)
-        if self.source not in inputs:
-            raise ValueError(f"LayerAttention needs its source {self.source!r}")
-        ts = inputs[self.source]
-        if set(ts.axes) != {self.node_axis, self.layer_axis} or len(ts.axes) != 2:
-            raise ValueError(f"source {self.source!r} must have axes ({self.node_axis!r}, {self.layer_axis!r}), got {ts.axes}")
-        x, mask = (ts.x if ts.pos is None else ts.x + ts.pos), ts.valid()
-        if ts.axes[0] == self.layer_axis:  # to (B, N, L, D)
-            x, mask = x.transpose(1, 2), mask.transpose(1, 2)
+        x, mask, source_masks = self._history(inputs)
         if x.shape[2] != self.num_layers:
-            raise ValueError(f"expected {self.num_layers} layers on axis {self.layer_axis!r}, got {x.shape[2]}")
+            raise ValueError(f"expected {self.num_layers} layers on axis {self.layer_axis!r}, got {x.shape[2]}; "
+                             "pass num_layers=")
         node_mask = mask.any(dim=2)  # (B, N)
         x = zero_invalid(x, mask)
         if self.proj_weight is not None:
@@ -318,10 +367,10 @@ class LayerAttention(nn.Module):
         z, maps = z if return_weights else (z, [])
         z = zero_invalid(z, node_mask)
         weights = {"layer": alpha, **{f"node.{i}": w for i, w in enumerate(maps)}} if return_weights else {}
-        nodes = TokenSet(z, node_mask)
         if self.readout == "mean":
             g = (z * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, D)
             fused = TokenSet(g, node_mask.any(dim=1, keepdim=True))
         else:
-            fused = nodes
-        return FusionOutput(fused, {self.source: nodes}, weights, {self.source: (0, fused.x.shape[1])})
+            fused = TokenSet(z, node_mask)
+        per_source = {n: TokenSet(zero_invalid(z, sm), sm) for n, sm in source_masks.items()}
+        return FusionOutput(fused, per_source, weights, {n: (0, fused.x.shape[1]) for n in per_source})

@@ -10,14 +10,14 @@ key-padding masks; BioFusionNet's co-attention up to the output projection that 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, PreparedSource, SourceEmbedding, concat_sources, role_names
 from attnfuse.nn import Attention
 from attnfuse.tokens import TokenSet, zero_invalid
 
@@ -26,21 +26,28 @@ __all__ = ["CoAttention"]
 MERGES = ("concat_ffn", "concat", "tokens")
 
 
-
 @register_fusion("coattention")
 class CoAttention(nn.Module):
     """``F_a = CA(Q = a, KV = b)``, ``F_b = CA(Q = b, KV = a)``, merged.
+
+    Role ``a`` is one source; role ``b`` is one or more sources whose tokens are concatenated (in
+    sorted name order, masks kept) into one key/value set for ``a`` and one query set that attends
+    ``a`` (each ``b`` source's queries see only ``a``; ``per_source`` and the maps are split back per
+    source). With the defaults ``a = sources[0]`` and ``b`` = every other source, so any number
+    (``>= 2``) of sources works.
 
     Each cross-attention has its own parameters, optional pre-LayerNorms on the query and on the
     key/value tokens (ST-Align), and no residual unless ``residual=True`` (then ``F_a = a + CA``).
     Merges:
 
+    * ``"tokens"`` (default): ``fused = [F_a ; F_b]`` on the token axis, width ``D`` (no pairing
+      needed; chain a second :class:`CoAttention` on ``per_source`` for BioFusionNet's dual
+      cross-attention);
     * ``"concat_ffn"`` (ST-Align ABFN): ``fused = LN([FFN_a(F_a) ; FFN_b(F_b)])``, channel
-      concatenation of token ``i`` of ``a`` with token ``i`` of ``b`` (equal token counts), each FFN
-      ``Linear(D, ffn_hidden) -> GELU -> Linear(ffn_hidden, ffn_out)``; output width ``2 * ffn_out``;
-    * ``"concat"`` (BioFusionNet): ``fused = [F_a ; F_b]`` on channels, width ``2 D``;
-    * ``"tokens"``: ``fused = [F_a ; F_b]`` on the token axis, width ``D`` (no pairing needed; chain
-      a second :class:`CoAttention` on ``per_source`` for BioFusionNet's dual cross-attention).
+      concatenation of token ``i`` of ``a`` with token ``i`` of ``b`` (equal token counts, one ``b``
+      source), each FFN ``Linear(D, ffn_hidden) -> GELU -> Linear(ffn_hidden, ffn_out)``; output width
+      ``2 * ffn_out``;
+    * ``"concat"`` (BioFusionNet): ``fused = [F_a ; F_b]`` on channels, width ``2 D`` (one ``b`` source).
 
     Missing inputs: a token that is padding, or a source absent / fully masked, contributes zeros to
     the merge (its FFN output is zeroed, not ``FFN(0)``); ``CA`` over an absent source is exactly 0.
@@ -48,10 +55,12 @@ class CoAttention(nn.Module):
     ``"tokens"``; invalid fused tokens are zero.
 
     Args:
-        a, b: the two source names.
-        dim: token width ``D`` of both sources.
-        heads: attention heads.
-        merge: ``"concat_ffn"``, ``"concat"`` or ``"tokens"``.
+        sources: the source names (at least two; every one takes part, as ``a`` or in ``b``).
+        dim: token width ``D`` of every source.
+        a: the source of role ``a`` (default ``sources[0]``, the first name as given).
+        b: the source(s) of role ``b`` (default: every source other than ``a``).
+        heads: attention heads (``heads * head_dim`` inner width).
+        merge: ``"tokens"``, ``"concat_ffn"`` or ``"concat"``.
         head_dim: per-head width (default ``D // heads``; ST-Align: 64).
         scale: score scale (None: ``1/sqrt(head_dim)``; BioFusionNet's co-attention: 1.0).
         qkv_bias: bias in the q/k/v projections (ST-Align and BioFusionNet: False).
@@ -64,33 +73,38 @@ class CoAttention(nn.Module):
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: equal or empty names, unknown ``merge``; at call time, a channel merge of
+        ValueError: fewer than two sources, ``a`` in ``b``, a source in neither role, unknown
+            ``merge``, a channel merge with several ``b`` sources; at call time, a channel merge of
             sources with different token counts.
 
     Shapes:
-        inputs ``{a: TokenSet (B, *axes_a, D), b: TokenSet (B, *axes_b, D)}`` (flattened to
-        ``N_a``, ``N_b`` tokens) -> ``fused (B, N, 2 ffn_out)`` / ``(B, N, 2 D)`` with ``N = N_a = N_b``,
-        or ``(B, N_a + N_b, D)`` for ``"tokens"``; ``per_source[a] = F_a (B, N_a, D)``; weights
-        ``"cross.<a>" (B, H, N_a, N_b)`` (a's queries over b) and ``"cross.<b>"``.
+        inputs ``{a: TokenSet (B, *axes_a, D), b_j: TokenSet (B, *axes_j, D)}`` (flattened to ``N_a``,
+        ``N_j`` tokens; ``N_b = sum_j N_j``) -> ``fused (B, N_a + N_b, D)`` for ``"tokens"``, or
+        ``(B, N, 2 ffn_out)`` / ``(B, N, 2 D)`` with ``N = N_a = N_b``; ``out_dim`` is that width;
+        ``per_source[a] = F_a (B, N_a, D)``, ``per_source[b_j] (B, N_j, D)``; weights
+        ``"cross.<a>" (B, H, N_a, N_b)`` (a's queries over b) and ``"cross.<b_j>" (B, H, N_j, N_a)``.
 
     Example:
-        >>> abfn = CoAttention("image", "gene", 64, heads=4, head_dim=16, qkv_bias=False)
+        >>> abfn = CoAttention(["image", "gene"], 64, heads=4, head_dim=16, qkv_bias=False, merge="concat_ffn")
         >>> out = abfn({"image": TokenSet(torch.randn(2, 8, 64)), "gene": TokenSet(torch.randn(2, 8, 64))})
         >>> out.fused.x.shape
         torch.Size([2, 8, 64])
+        >>> table = CoAttention(["age", "labs", "notes"], 32)  # a = "age", b = labs + notes, merge="tokens"
     """
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
-        a: str,
-        b: str,
+        sources: Sequence[str],
         dim: int,
         *,
-        heads: int,
-        merge: Literal["concat_ffn", "concat", "tokens"] = "concat_ffn",
+        a: str | None = None,
+        b: str | Sequence[str] | None = None,
+        heads: int = 4,
+        merge: Literal["tokens", "concat_ffn", "concat"] = "tokens",
         head_dim: int | None = None,
         scale: float | None = None,
         qkv_bias: bool = True,
@@ -106,16 +120,29 @@ class CoAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if a == b:
-            raise ValueError(f"CoAttention needs two different sources, got a={a!r}, b={b!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.embed = SourceEmbedding(sources, dim, type_embedding=None, modality_dropout=modality_dropout, **dd)
+        names = list(sources)
+        if len(names) < 2:
+            raise ValueError(f"CoAttention needs at least two sources (roles a and b), got sources={names}")
+        if a is not None and not isinstance(a, str):
+            raise ValueError(f"a= names one source, got {a!r}")
+        (a,) = role_names(a, "a", names, names[:1])
+        b_names = role_names(b, "b", names, [n for n in names if n != a])
+        if a in b_names:
+            raise ValueError(f"CoAttention needs two different sources for a and b, got a={a!r}, b={list(b_names)}")
+        unused = [n for n in names if n != a and n not in b_names]
+        if unused:
+            raise ValueError(f"sources {unused} take no part: add them to b= or leave them out of sources")
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-        dd = {"device": device, "dtype": dtype}
+        if merge != "tokens" and len(b_names) > 1:
+            raise ValueError(f"merge={merge!r} pairs token i of a with token i of b and needs a single b source, "
+                             f"got b={list(b_names)}; use merge='tokens'")
         opts = dict(op_options or {})
         if scale is not None:
             opts["scale"] = scale
-        self.a, self.b, self.merge, self.residual = a, b, merge, residual
-        self.embed = SourceEmbedding([a, b], dim, type_embedding=None, modality_dropout=modality_dropout, **dd)
+        self.a, self.b, self.merge, self.residual = a, tuple(sorted(b_names)), merge, residual
 
         def attention() -> Attention:
             return Attention(dim, heads, op=op, head_dim=head_dim, qkv_bias=qkv_bias, dropout=dropout, **dd, **opts)
@@ -127,6 +154,7 @@ class CoAttention(nn.Module):
         self.cross_a, self.cross_b = attention(), attention()
         self.norm_q_a, self.norm_kv_a, self.norm_q_b, self.norm_kv_b = norm(), norm(), norm(), norm()
         self.ffn_a = self.ffn_b = self.norm_out = None
+        self.out_dim = 2 * dim if merge == "concat" else dim
         if merge == "concat_ffn":
             hidden = max(1, dim // 8) if ffn_hidden is None else ffn_hidden
             out = max(1, dim // 2) if ffn_out is None else ffn_out
@@ -136,6 +164,7 @@ class CoAttention(nn.Module):
 
             self.ffn_a, self.ffn_b = ffn(), ffn()
             self.norm_out = nn.LayerNorm(2 * out, **dd)
+            self.out_dim = 2 * out
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -156,21 +185,30 @@ class CoAttention(nn.Module):
         return zero_invalid(h, q.mask), w
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
-        """Fuse ``{a, b}``; see the class docstring. Maps are keyed ``"cross.<query source>"``."""
+        """Fuse ``a`` with ``b``; see the class docstring. Maps are keyed ``"cross.<query source>"``."""
         prepared = {s.name: s for s in self.embed(inputs)}
-        pa, pb = prepared.get(self.a), prepared.get(self.b)
+        pa = prepared.get(self.a)
+        present_b = [prepared[n] for n in self.b if n in prepared]
+        pb, b_layout = None, {}
+        if present_b:
+            xb, mb, b_layout = concat_sources(present_b)  # (B, N_b, D): every b source, sorted
+            pb = PreparedSource("b", xb, mb)
         streams: dict[str, tuple[Tensor, Tensor]] = {}
         weights: dict[str, Tensor] = {}
-        for role, name, q, kv in (("a", self.a, pa, pb), ("b", self.b, pb, pa)):
-            if q is None:
-                continue
-            h, w = self._stream(role, q, kv, return_weights)
-            streams[name] = (h, q.mask)
+        if pa is not None:
+            h, w = self._stream("a", pa, pb, return_weights)
+            streams[self.a] = (h, pa.mask)
             if w is not None:
-                weights[f"cross.{name}"] = w
+                weights[f"cross.{self.a}"] = w
+        if pb is not None:
+            h, w = self._stream("b", pb, pa, return_weights)
+            for name, (start, stop) in b_layout.items():
+                streams[name] = (h[:, start:stop], pb.mask[:, start:stop])
+                if w is not None:
+                    weights[f"cross.{name}"] = w[:, :, start:stop]
         per_source = {name: TokenSet(h, m) for name, (h, m) in streams.items()}
         if self.merge == "tokens":
-            names = [n for n in (self.a, self.b) if n in streams]
+            names = [n for n in (self.a, *self.b) if n in streams]
             layout, start = {}, 0
             for n in names:
                 layout[n] = (start, start + streams[n][0].shape[1])
@@ -178,15 +216,16 @@ class CoAttention(nn.Module):
             x = torch.cat([streams[n][0] for n in names], dim=1)  # (B, N_a + N_b, D)
             mask = torch.cat([streams[n][1] for n in names], dim=1)
             return FusionOutput(TokenSet(x, mask), per_source, weights, layout)
+        (b_name,) = self.b
         counts = {n: h.shape[1] for n, (h, _) in streams.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(
-                f"merge={self.merge!r} pairs token i of {self.a!r} with token i of {self.b!r} and needs equal token counts, "
+                f"merge={self.merge!r} pairs token i of {self.a!r} with token i of {b_name!r} and needs equal token counts, "
                 f"got {counts}; use merge='tokens' or pool first"
             )
         ref_h, ref_m = next(iter(streams.values()))
         halves, mask = [], torch.zeros_like(ref_m)
-        for role, name in (("a", self.a), ("b", self.b)):
+        for role, name in (("a", self.a), ("b", b_name)):
             if name in streams:
                 h, m = streams[name]
                 if self.merge == "concat_ffn":

@@ -9,14 +9,14 @@ self-attention of the last transformer block, ``x' = x + CA(Q = E[c], K = V = LN
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources, role_names
 from attnfuse.nn import MLP, Attention
 from attnfuse.tokens import TokenSet, zero_invalid
 
@@ -29,53 +29,64 @@ class ConditionalCrossAttention(nn.Module):
 
     ``u = CA(Q = c, K = V = LN(x))`` is one vector per sample (the query is the same at every
     position, so it is computed once); ``x' = x + u`` at every valid position;
-    ``y = x' + MLP(LN(x'))``. With ``query_positions="cls_only"`` only token ``cls_index`` is
-    computed (the same ``y`` there, less work); that output is order-dependent, so such an instance
-    declares ``symmetry = "ordered"``.
+    ``y = x' + MLP(LN(x'))``. ``x`` are the tokens of the ``context`` source(s), concatenated in
+    sorted name order (masks kept); they are the output positions. With
+    ``query_positions="cls_only"`` only token ``cls_index`` of that concatenation is computed (the
+    same ``y`` there, less work); that output is order-dependent, so such an instance declares
+    ``symmetry = "ordered"``.
 
     The condition is either an id looked up in a learned table (``num_conditions=``, pass
-    ``condition=`` ids to ``forward``) or a source of the inputs (``condition_source=``; the masked
-    mean of its tokens). A missing condition (all-False / absent source) gives ``u = 0``; a fully
-    masked context gives ``u = 0`` and zero outputs (mask all False).
+    ``condition=`` ids to ``forward``: the paper's CCA) or taken from sources of the inputs
+    (``condition_source=``; the masked mean of their tokens). Defaults (neither given): the condition
+    is ``sources[0]`` (the first name as given) and the context is every other source, so the module
+    fuses any two or more named sources. A missing condition (all-False / absent source) gives
+    ``u = 0``; a fully masked context gives ``u = 0`` and zero outputs (mask all False), and an absent
+    context gives no output tokens (``fused`` ``(B, 0, D)``), the same valid tokens.
 
     Args:
-        context: name of the context source (e.g. ``"image"`` tokens with the CLS token).
-        dim: token width ``D``.
-        heads: attention heads.
-        num_conditions: size of the condition table (exclusive with ``condition_source``).
-        condition_source: name of a source giving the condition vector.
+        sources: every source name this module receives.
+        dim: token width ``D`` (also ``out_dim``).
+        context: the context source name(s) (default: every source that is not a condition source).
+        condition_source: the condition source name(s) (default ``sources[0]`` unless
+            ``num_conditions`` is given); exclusive with ``num_conditions``.
+        num_conditions: size of a learned condition table; ``forward`` then needs ``condition=`` ids.
+        heads: attention heads (must divide ``dim``).
         query_positions: ``"all"`` or ``"cls_only"``.
-        cls_index: index of the CLS token in the (flattened) context.
+        cls_index: index of the CLS token in the (flattened, concatenated) context.
         mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: neither or both of ``num_conditions`` / ``condition_source``; bad options;
-            at call time, missing context or condition ids of the wrong shape.
+        ValueError: both ``num_conditions`` and ``condition_source``; no context or no condition left;
+            a source in both roles or in neither; bad options; at call time, condition ids missing
+            or of the wrong shape.
 
     Shapes:
-        inputs ``{context: TokenSet (B, *axes, D)}`` (+ ``{condition_source: (B, Nc, D)}``),
-        ``condition (B,)`` long -> ``fused (B, N, D)`` (``(B, 1, D)`` for ``"cls_only"``); weights
-        ``"cross" (B, H, 1, N)``.
+        inputs ``{context_j: TokenSet (B, *axes_j, D)}`` (+ ``{condition_source: (B, Nc, D)}``),
+        ``condition (B,)`` long -> ``fused (B, N, D)`` with ``N = sum_j N_j`` (``(B, 1, D)`` for
+        ``"cls_only"``); ``per_source[context_j]`` its slice; weights ``"cross" (B, H, 1, N)``.
 
     Example:
-        >>> cca = ConditionalCrossAttention("image", 32, heads=4, num_conditions=3)
+        >>> cca = ConditionalCrossAttention(["image"], 32, heads=4, num_conditions=3)   # the paper's CCA
         >>> out = cca({"image": TokenSet(torch.randn(2, 17, 32))}, condition=torch.tensor([0, 2]))
         >>> out.fused.x.shape
         torch.Size([2, 17, 32])
+        >>> fuse = ConditionalCrossAttention(["attr", "image"], 32)  # condition "attr" (pooled), context "image"
     """
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
-        context: str,
+        sources: Sequence[str],
         dim: int,
         *,
-        heads: int,
+        context: str | Sequence[str] | None = None,
+        condition_source: str | Sequence[str] | None = None,
         num_conditions: int | None = None,
-        condition_source: str | None = None,
+        heads: int = 4,
         query_positions: Literal["all", "cls_only"] = "all",
         cls_index: int = 0,
         mlp_ratio: float = 4.0,
@@ -86,20 +97,37 @@ class ConditionalCrossAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if (num_conditions is None) == (condition_source is None):
-            raise ValueError("give exactly one of num_conditions= (a learned table) or condition_source= (a source name)")
+        dd = {"device": device, "dtype": dtype}
+        self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)
+        names = list(sources)
+        if num_conditions is not None and condition_source is not None:
+            raise ValueError("give at most one of num_conditions= (a learned table) or condition_source= (source names)")
         if num_conditions is not None and num_conditions < 1:
             raise ValueError(f"num_conditions must be >= 1, got {num_conditions}")
         if query_positions not in ("all", "cls_only"):
             raise ValueError(f"query_positions must be 'all' or 'cls_only', got {query_positions!r}")
-        if condition_source == context:
-            raise ValueError(f"condition_source and context must differ, both are {context!r}")
-        dd = {"device": device, "dtype": dtype}
-        self.context, self.condition_source, self.query_positions, self.cls_index = context, condition_source, query_positions, cls_index
+        conditions: tuple[str, ...] = ()
+        if num_conditions is None:
+            default = [n for n in names if context is None or n not in _as_names(context)][:1]
+            if condition_source is None and (not default or (context is None and len(names) < 2)):
+                raise ValueError(f"no condition: pass num_conditions= (a learned table; forward(condition=ids)) or a source "
+                                 f"for condition_source=; sources={names}, context={context!r}")
+            conditions = role_names(condition_source, "condition_source", names, default)
+        overlap = sorted(set(conditions) & set(_as_names(context))) if context is not None else []
+        if overlap:
+            raise ValueError(f"condition_source and context must differ, both name {overlap}")
+        rest = [n for n in names if n not in conditions]
+        if context is None and not rest:
+            raise ValueError(f"no context source left: sources={names} are all condition sources; add the source whose "
+                             "tokens are to be conditioned")
+        contexts = role_names(context, "context", names, rest)
+        unused = [n for n in names if n not in conditions and n not in contexts]
+        if unused:
+            raise ValueError(f"sources {unused} take no part: add them to context= or condition_source=, or leave them out")
+        self.context, self.condition_source = tuple(sorted(contexts)), tuple(sorted(conditions))
+        self.query_positions, self.cls_index, self.out_dim = query_positions, cls_index, dim
         if query_positions == "cls_only":
             self.symmetry = "ordered"  # the CLS readout depends on token order
-        names = [context] if condition_source is None else [context, condition_source]
-        self.embed = SourceEmbedding(names, dim, type_embedding=None, **dd)
         self.table = nn.Embedding(num_conditions, dim, **dd) if num_conditions is not None else None
         if self.table is not None:
             nn.init.normal_(self.table.weight, std=0.02)
@@ -122,33 +150,46 @@ class ConditionalCrossAttention(nn.Module):
             q = self.table(condition.long()).to(like.dtype).unsqueeze(1)  # (B, 1, D)
             return q, torch.ones(batch, dtype=torch.bool, device=like.device)
         if condition is not None:
-            raise ValueError(f"condition ids need num_conditions=; here the condition comes from source {self.condition_source!r}")
-        src = prepared.get(self.condition_source)
-        if src is None:
+            raise ValueError(f"condition ids need num_conditions=; here the condition comes from {list(self.condition_source)}")
+        present = [prepared[n] for n in self.condition_source if n in prepared]
+        if not present:
             return like.new_zeros(batch, 1, like.shape[-1]), torch.zeros(batch, dtype=torch.bool, device=like.device)
-        m = src.mask.unsqueeze(-1).to(src.x.dtype)  # (B, Nc, 1)
-        q = (src.x * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, D)
-        return q, src.mask.any(dim=1)
+        x, mask, _ = concat_sources(present)  # (B, Nc, D), invalid tokens are zero
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, Nc, 1)
+        q = x.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, D)
+        return q, mask.any(dim=1)
 
     def forward(
         self, inputs: Mapping[str, TokenSet], *, condition: Tensor | None = None, return_weights: bool = False
     ) -> FusionOutput:
         """Condition the context tokens; see the class docstring."""
         prepared = {s.name: s for s in self.embed(inputs)}
-        if self.context not in prepared:
-            raise ValueError(f"the context source {self.context!r} is required (its tokens are the output positions)")
-        ctx = prepared[self.context]
-        batch = ctx.x.shape[0]
-        q, has_condition = self._condition(prepared, condition, batch, ctx.x)
-        u = self.cross(q, context=self.norm_context(ctx.x), context_mask=ctx.mask, return_weights=return_weights)
+        contexts = [prepared[n] for n in self.context if n in prepared]
+        ref = next(iter(prepared.values())).x
+        batch = ref.shape[0]
+        if not contexts:  # no context: no output positions (the same valid tokens as a fully masked context)
+            self._condition(prepared, condition, batch, ref)  # still validate condition ids
+            empty = TokenSet(ref.new_zeros(batch, 0, ref.shape[-1]), torch.zeros(batch, 0, dtype=torch.bool, device=ref.device))
+            return FusionOutput(empty, {}, {}, {})
+        x, mask, layout = concat_sources(contexts)  # (B, N, D), (B, N)
+        q, has_condition = self._condition(prepared, condition, batch, x)
+        u = self.cross(q, context=self.norm_context(x), context_mask=mask, return_weights=return_weights)
         u, w = u if return_weights else (u, None)
         u = u * has_condition.to(u.dtype)[:, None, None]  # (B, 1, D): one update for every position
-        x, mask = ctx.x, ctx.mask
         if self.query_positions == "cls_only":
+            if not 0 <= self.cls_index < x.shape[1]:
+                raise ValueError(f"cls_index={self.cls_index} is outside the {x.shape[1]} context tokens")
+            owner = next(n for n, (a, b) in layout.items() if a <= self.cls_index < b)
+            layout = {owner: (0, 1)}
             x, mask = x[:, self.cls_index : self.cls_index + 1], mask[:, self.cls_index : self.cls_index + 1]
         x = x + u
         y = x + self.mlp(self.norm_mlp(x))
         y = zero_invalid(y, mask)
         fused = TokenSet(y, mask)
+        per_source = {n: TokenSet(y[:, a:b], mask[:, a:b]) for n, (a, b) in layout.items()}
         weights = {"cross": w} if w is not None else {}
-        return FusionOutput(fused, {self.context: fused}, weights, {self.context: (0, y.shape[1])})
+        return FusionOutput(fused, per_source, weights, layout)
+
+
+def _as_names(arg: str | Sequence[str]) -> tuple[str, ...]:
+    return (arg,) if isinstance(arg, str) else tuple(arg)

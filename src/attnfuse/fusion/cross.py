@@ -14,18 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, role_names
 from attnfuse.nn import TransformerBlock
 from attnfuse.tokens import TokenSet
 
 __all__ = ["CrossAttentionFusion"]
-
-
-def _names(arg: str | Sequence[str], what: str) -> tuple[str, ...]:
-    names = (arg,) if isinstance(arg, str) else tuple(arg)
-    if not names:
-        raise ValueError(f"{what} must name at least one source")
-    return names
 
 
 @register_fusion("cross")
@@ -40,10 +33,10 @@ class CrossAttentionFusion(nn.Module):
 
     Args:
         sources: every source name this module may receive.
-        dim: token width ``D``.
-        heads: attention heads.
-        query: the query source.
-        key: key source name(s).
+        dim: token width ``D`` (also ``out_dim``).
+        heads: attention heads (must divide ``dim``).
+        query: the query source (default: ``sources[0]``, the first name as given).
+        key: key source name(s) (default: every other source, in the order given).
         value: value source name(s), pairwise with ``key`` (default: the key sources).
         depth: number of stacked layers.
         decoder: add query self-attention in each layer (a transformer decoder layer).
@@ -51,6 +44,9 @@ class CrossAttentionFusion(nn.Module):
         mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
         type_embedding, missing_token, modality_dropout: as :class:`attnfuse.fusion.SourceEmbedding`.
         device, dtype: for the parameters.
+
+    With one source and the default ``key``, there is nothing to attend to: the queries get a zero
+    attention update (only the MLPs act).
 
     Raises:
         ValueError: names not among ``sources``, ``key``/``value`` of different lengths, query
@@ -61,10 +57,12 @@ class CrossAttentionFusion(nn.Module):
 
     Example:
         >>> fusion = CrossAttentionFusion(["audio", "text"], 32, heads=4, query="text", key="audio", value="text")
+        >>> default = CrossAttentionFusion(["text", "audio", "video"], 32)  # query "text", keys audio + video
     """
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
     #: the first output token (a fusion token / latent) attends to the inputs
     fusion_token_attends: ClassVar[bool] = True
 
@@ -73,9 +71,9 @@ class CrossAttentionFusion(nn.Module):
         sources: Sequence[str],
         dim: int,
         *,
-        heads: int,
-        query: str,
-        key: str | Sequence[str],
+        heads: int = 4,
+        query: str | None = None,
+        key: str | Sequence[str] | None = None,
         value: str | Sequence[str] | None = None,
         depth: int = 1,
         decoder: bool = False,
@@ -91,13 +89,17 @@ class CrossAttentionFusion(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        keys = _names(key, "key")
-        values = keys if value is None else _names(value, "value")
+        names = list(sources)
+        if query is not None and not isinstance(query, str):
+            raise ValueError(f"query= names one source, got {query!r}")
+        (query,) = role_names(query, "query", names, names[:1])
+        if key is None and len(names) == 1:
+            keys: tuple[str, ...] = ()
+        else:
+            keys = role_names(key, "key", names, [n for n in names if n != query])
+        values = keys if value is None else role_names(value, "value", names, ())
         if len(values) != len(keys):
             raise ValueError(f"value must pair with key one to one, got key={keys}, value={values}")
-        for name in (query, *keys, *values):
-            if name not in sources:
-                raise ValueError(f"source {name!r} is not among sources={list(sources)}")
         if query in keys:
             raise ValueError(f"query source {query!r} cannot also be a key source; use self-attention fusion")
         if missing_token and any(k != v for k, v in zip(keys, values)):
@@ -108,6 +110,7 @@ class CrossAttentionFusion(nn.Module):
         if depth < 1 or num_fusion_tokens < 1:
             raise ValueError(f"depth and num_fusion_tokens must be >= 1, got {depth=}, {num_fusion_tokens=}")
         dd = {"device": device, "dtype": dtype}
+        self.out_dim = dim
         self.query, self.keys, self.values = query, keys, values
         self.embed = SourceEmbedding(sources, dim, type_embedding=type_embedding, missing_token=missing_token,
                                      modality_dropout=modality_dropout, **dd)

@@ -16,22 +16,33 @@ class TensorFusion(nn.Module):
 
     ``forward(x_1, mask_1, ..., x_n, mask_n)`` builds ``{name_i: TokenSet(x_i, mask_i)}`` and returns
     the head's output, or ``(fused.x, fused.mask)`` without a head. Every source is always passed
-    (a missing one as an all-False mask), so the traced graph has no optional inputs.
+    (a missing one as an all-False mask), so the traced graph has no optional inputs; optional
+    keyword arguments of the fusion's ``forward`` keep their defaults. Works for every registered
+    fusion (tested over ``FUSIONS``).
 
     Args:
-        fusion: a fusion module.
-        sources: source names, in the order of the positional tensors.
+        fusion: a fusion module (``{name: TokenSet} -> FusionOutput``).
+        sources: source names, in the order of the positional tensors (default: ``fusion.sources``,
+            the sorted names).
         head: optional module applied to the fused :class:`TokenSet`.
         axes: token-axis names per source for multi-axis inputs (default ``("token",)``).
+
+    Raises:
+        ValueError: no ``sources`` and a fusion without ``sources``; at call time, a wrong number of
+            tensors.
 
     Example:
         >>> model = TensorFusion(fusion, ["a", "b"], head=head)  # doctest: +SKIP
         >>> torch.export.export(model, (xa, ma, xb, mb))  # doctest: +SKIP
     """
 
-    def __init__(self, fusion: nn.Module, sources: Sequence[str], *, head: nn.Module | None = None,
+    def __init__(self, fusion: nn.Module, sources: Sequence[str] | None = None, *, head: nn.Module | None = None,
                  axes: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__()
+        if sources is None:
+            sources = getattr(fusion, "sources", None)
+            if sources is None:
+                raise ValueError(f"{type(fusion).__name__} has no .sources: pass sources= (the order of the tensors)")
         self.fusion, self.head, self.sources = fusion, head, tuple(sources)
         self.axes = {name: tuple((axes or {}).get(name, ("token",))) for name in self.sources}
 

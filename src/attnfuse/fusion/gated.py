@@ -7,7 +7,7 @@ gate per source. Status: a baseline; exact as described below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -33,7 +33,7 @@ class GatedFusion(nn.Module):
     Args:
         sources: names of the sources.
         dim: input token width ``D``.
-        out_dim: width of ``h_i`` and of the output (default ``D``).
+        out_dim: width of ``h_i`` and of the output (default ``D``); exposed as ``self.out_dim``.
         gate_input: ``"all"`` (gates see every pooled source) or ``"own"``.
         activation: ``"tanh"`` (GMU) or None.
         device, dtype: for the parameters.
@@ -51,6 +51,7 @@ class GatedFusion(nn.Module):
 
     symmetry: ClassVar[str] = "invariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
@@ -70,6 +71,9 @@ class GatedFusion(nn.Module):
             raise ValueError(f"activation must be 'tanh' or None, got {activation!r}")
         dd = {"device": device, "dtype": dtype}
         out_dim = dim if out_dim is None else out_dim
+        if out_dim < 1:
+            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+        self.out_dim = out_dim
         self.gate_input, self.activation = gate_input, activation
         self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)
         n = len(self.embed.sources)
@@ -81,7 +85,7 @@ class GatedFusion(nn.Module):
     def sources(self) -> tuple[str, ...]:
         return self.embed.sources
 
-    def forward(self, inputs, *, return_weights: bool = False) -> FusionOutput:
+    def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Gate and sum the pooled sources; see the class docstring."""
         prepared = {s.name: s for s in self.embed(inputs)}
         ref = next(iter(prepared.values())).x

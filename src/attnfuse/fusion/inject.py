@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from attnfuse.fusion._registry import register_fusion
+from attnfuse.fusion._registry import register_block
 from attnfuse.tokens import TokenSet
 
 __all__ = ["Inject"]
@@ -29,12 +29,13 @@ def _key(site: str) -> str:
     return site.replace(".", "__") or "__root__"
 
 
-@register_fusion("inject")
+@register_block("inject")
 class Inject(nn.Module):
     """Wrap ``backbone`` so that ``fusion`` runs at ``sites``: ``out_site <- out_site + scale * gate * update``.
 
     Not a ``{name: TokenSet} -> FusionOutput`` module itself: it calls the backbone and returns the
-    backbone's output. ``symmetry = "ordered"`` (whatever the backbone does).
+    backbone's output, so it is a building block (``BLOCKS["inject"]``), not a fusion.
+    ``symmetry = "ordered"`` (whatever the backbone does).
 
     Args:
         backbone: the model to extend (its parameters are frozen with ``freeze_backbone``).
@@ -61,7 +62,7 @@ class Inject(nn.Module):
         site output's shape.
 
     Example:
-        >>> model = Inject(lm, ParameterFreeCrossAttention("text", "visual"), sites=lambda n, m: n.endswith("mlp"),
+        >>> model = Inject(lm, ParameterFreeCrossAttention(["text", "visual"], 4096), sites=lambda n, m: n.endswith("mlp"),
         ...                query="text", scale=0.1, init=None)  # doctest: +SKIP
         >>> logits = model(tokens, context={"visual": bank})  # doctest: +SKIP
     """

@@ -14,11 +14,14 @@ import torch
 from torch import nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources
 from attnfuse.nn import Encoder, TransformerBlock
 from attnfuse.tokens import TokenSet
 
-__all__ = ["LatentBottleneck"]
+__all__ = ["DEFAULT_NUM_LATENTS", "LatentBottleneck"]
+
+#: ``M`` when neither ``num_latents`` nor ``latent_ratio`` is given.
+DEFAULT_NUM_LATENTS = 8
 
 
 @register_fusion("latent")
@@ -31,10 +34,11 @@ class LatentBottleneck(nn.Module):
 
     Args:
         sources: names of the sources to fuse.
-        dim: token width ``D``.
-        heads: attention heads.
-        num_latents: ``M``, the number of latent queries; or give ``latent_ratio`` and
-            ``num_tokens`` (``M = ceil(latent_ratio * num_tokens)``, Wayformer's latent ratio).
+        dim: token width ``D`` (also ``out_dim``).
+        heads: attention heads (must divide ``dim``).
+        num_latents: ``M``, the number of latent queries (default :data:`DEFAULT_NUM_LATENTS` = 8);
+            or give ``latent_ratio`` and ``num_tokens`` instead (``M = ceil(latent_ratio * num_tokens)``,
+            Wayformer's latent ratio).
         latent_ratio: fraction of the expected input token count.
         num_tokens: expected total number of input tokens (for ``latent_ratio``).
         depth: self-attention blocks over the latents after the cross-attention.
@@ -43,7 +47,7 @@ class LatentBottleneck(nn.Module):
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: neither or both of ``num_latents`` and ``latent_ratio``; bad values.
+        ValueError: both ``num_latents`` and ``latent_ratio``; bad values.
 
     Shapes:
         inputs ``{name: TokenSet (B, *axes_i, D)}`` -> ``fused (B, M, D)`` (all valid).
@@ -51,6 +55,7 @@ class LatentBottleneck(nn.Module):
 
     symmetry: ClassVar[str] = "invariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
     #: the first output token (a fusion token / latent) attends to the inputs
     fusion_token_attends: ClassVar[bool] = True
 
@@ -59,7 +64,7 @@ class LatentBottleneck(nn.Module):
         sources: Sequence[str],
         dim: int,
         *,
-        heads: int,
+        heads: int = 4,
         num_latents: int | None = None,
         latent_ratio: float | None = None,
         num_tokens: int | None = None,
@@ -75,8 +80,11 @@ class LatentBottleneck(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if (num_latents is None) == (latent_ratio is None):
-            raise ValueError("give exactly one of num_latents= or latent_ratio= (with num_tokens=)")
+        if num_latents is not None and latent_ratio is not None:
+            raise ValueError(f"give at most one of num_latents= or latent_ratio= (with num_tokens=), got {num_latents=}, "
+                             f"{latent_ratio=}")
+        if num_latents is None and latent_ratio is None:
+            num_latents = DEFAULT_NUM_LATENTS
         if latent_ratio is not None:
             if not 0 < latent_ratio <= 1 or not num_tokens or num_tokens < 1:
                 raise ValueError(f"latent_ratio must be in (0, 1] with num_tokens >= 1, got {latent_ratio=}, {num_tokens=}")
@@ -84,6 +92,7 @@ class LatentBottleneck(nn.Module):
         if num_latents < 1:
             raise ValueError(f"num_latents must be >= 1, got {num_latents}")
         dd = {"device": device, "dtype": dtype}
+        self.out_dim = dim
         block = {"mlp_ratio": mlp_ratio, "dropout": dropout, "op": op, "op_options": op_options}
         self.embed = SourceEmbedding(sources, dim, type_embedding=type_embedding, missing_token=missing_token,
                                      modality_dropout=modality_dropout, **dd)
@@ -101,13 +110,8 @@ class LatentBottleneck(nn.Module):
         ref = next(iter(inputs.values())).x
         batch = ref.shape[0]
         latents = self.latents.to(ref.dtype).expand(batch, -1, -1)  # (B, M, D)
-        layout, start = {}, 0
-        for src in prepared:
-            layout[src.name] = (start, start + src.x.shape[1])
-            start += src.x.shape[1]
         weights: dict[str, torch.Tensor] = {}
-        context = torch.cat([s.x for s in prepared], dim=1)  # (B, S, D)
-        context_mask = torch.cat([s.mask for s in prepared], dim=1)  # (B, S)
+        context, context_mask, layout = concat_sources(prepared)  # (B, S, D), (B, S)
         x = self.read(latents, context=context, context_mask=context_mask, return_weights=return_weights)
         if return_weights:
             x, w = x

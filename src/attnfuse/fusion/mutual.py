@@ -10,14 +10,14 @@ modality (S²MA-style mutual attention), and the calibrator's form is unverified
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, PreparedSource, SourceEmbedding, concat_sources, role_names
 from attnfuse.ops import dense_attention
 from attnfuse.tokens import TokenSet, zero_invalid
 
@@ -56,52 +56,68 @@ def _gate_column(g: Tensor, grid: tuple[int, ...], name: str) -> Tensor:
 
 @register_fusion("mutual")
 class MutualAttention(nn.Module):
-    """Each of two dense maps is updated with attention computed from the other one.
+    """Each of two maps (or token sets) is updated with attention computed from the other one.
 
-    With ``X_a, X_b`` the two maps as ``(N = H W, C)`` token matrices, ``Q_m = X_m W_q^m``,
-    ``K_m = X_m W_k^m`` (``C -> C / reduction``) and ``V_m = X_m W_v^m`` (``C -> C``)::
+    With ``X_a, X_b`` the two maps as ``(N, C)`` token matrices, ``Q_m = X_m W_q^m``,
+    ``K_m = X_m W_k^m`` (``C -> max(1, C // reduction)``) and ``V_m = X_m W_v^m`` (``C -> C``)::
 
+        position (form="cross"):          P_a = softmax(s Q_a K_b^T) V_b        # a queries b (default)
         position (form="affinity_swap"):  P_a = softmax(s Q_b K_b^T) V_a        # a's values, b's affinity
-        position (form="cross"):          P_a = softmax(s Q_a K_b^T) V_b        # a queries b
         X'_a  = X_a  + gamma_a * g_b * P_a                                       # gamma zero-init
         channel:                          B_b = softmax(s_c X_b^T X_b)   (C x C) # "danet": softmax(-s_c X_b^T X_b)
         X''_a = X'_a + beta_a  * g_b * (X'_a B_b^T)                              # beta zero-init
 
-    and symmetrically for ``b``. ``g_b`` is the gate on messages *from* ``b`` (1 without a gate):
-    the uncertainty re-weighting hook (MEFN's calibrator, form unverified), e.g. ``1 - u_b`` from an
-    evidential head. A gate of 0 makes ``X''_a = X_a`` (as if ``b`` were absent).
+    and symmetrically for ``b``. Role ``a`` is one source; role ``b`` is one or more sources whose
+    tokens are concatenated (sorted names, masks kept) into ``X_b``; each ``b`` source's tokens
+    receive messages from ``a`` only. With the defaults (``a = sources[0]``, ``b`` = the others,
+    ``form="cross"``, ``merge="tokens"``) any number (``>= 2``) of sources with any token counts works.
+    GL-DMNet's two dense maps on one grid: ``form="affinity_swap", merge="sum"`` (one ``b`` source).
 
-    Masks: positions valid in both maps are the keys (for ``"cross"``: valid in the other map); a
-    position message reaches position ``i`` only where both maps are valid (for ``"cross"``: where the
-    receiving map is), a channel message every valid position of the receiving map; an absent or
-    fully masked map sends no message (identity for the other one) and has no output; invalid
-    positions output zeros.
+    ``g_b`` is the gate on messages *from* ``b`` (1 without a gate): the uncertainty re-weighting hook
+    (MEFN's calibrator, form unverified), e.g. ``1 - u_b`` from an evidential head, applied at the
+    receiving position (so a per-position gate needs both maps on one grid; a per-sample gate always
+    works). A gate of 0 makes ``X''_a = X_a`` (as if ``b`` were absent). Gates need a single ``b``
+    source.
+
+    Masks: for ``"cross"`` the keys are the other map's valid positions and a message reaches every
+    valid position of the receiving map; for ``"affinity_swap"`` positions valid in both maps are the
+    keys and a position message reaches only those; a channel message reaches every valid position of
+    the receiving map; an absent or fully masked map sends no message (identity for the other one) and
+    has no output; invalid positions output zeros.
 
     Args:
-        a, b: the two source names (e.g. ``"rgb"``, ``"depth"`` or ``"pet"``, ``"ct"``).
-        dim: channel width ``C`` of both maps.
-        form: ``"affinity_swap"`` (GL-DMNet reconstruction, default) or ``"cross"``.
+        sources: the source names (at least two; every one takes part, as ``a`` or in ``b``).
+        dim: channel width ``C`` of every source.
+        a: the source of role ``a`` (default ``sources[0]``, the first name as given).
+        b: the source(s) of role ``b`` (default: every source other than ``a``).
+        form: ``"cross"`` (default) or ``"affinity_swap"`` (GL-DMNet reconstruction; needs ``a`` and
+            ``b`` on one grid).
         position, channel: include the position / channel mutual fusion.
-        reduction: ``C / reduction`` is the query/key width (DANet: 8).
-        scale: position score scale (DANet: 1.0, no scaling; None: ``1/sqrt(C / reduction)``).
+        reduction: ``max(1, C // reduction)`` is the query/key width (DANet: 8).
+        scale: position score scale (DANet: 1.0, no scaling; None: ``1/sqrt(query/key width)``).
         channel_scale: channel score scale ``s_c``.
         channel_energy: ``"similarity"`` (spec: ``softmax(X^T X)``) or ``"danet"`` (DANet's
             ``softmax(max - X^T X)``, i.e. ``softmax(-X^T X)``).
-        merge: fused map: ``"sum"`` of the two updated maps, or ``"concat"`` on channels.
+        merge: fused output: ``"tokens"`` (every updated source's tokens concatenated, width ``C``),
+            ``"sum"`` of the updated maps, or ``"concat"`` on channels (width ``C * len(sources)``,
+            zeros for a missing source); ``"sum"`` and ``"concat"`` need every map on one grid.
         gate: optional callable ``gate(x (B, *grid, C), mask (B, *grid)) -> (B, *grid)`` giving each
             map's message weight; a module is registered (its parameters train with this one).
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: equal names, unknown options; at call time, maps of different grids.
+        ValueError: fewer than two sources, ``a`` in ``b``, a source in neither role, unknown options,
+            a gate with several ``b`` sources; at call time, maps on different grids where the form,
+            the merge or a per-position gate needs one grid.
 
     Shapes:
-        inputs ``{a: TokenSet (B, H, W, C), b: TokenSet (B, H, W, C)}`` (any grid axes) ->
-        ``per_source[m] (B, H, W, C)``, ``fused (B, H, W, C)`` (``2 C`` for ``"concat"``), mask
-        ``mask_a | mask_b``; weights ``"position.<m>" (B, 1, N, N)``, ``"channel.<m>" (B, 1, C, C)``.
+        inputs ``{name: TokenSet (B, *grid_m, C)}`` -> ``per_source[m] (B, *grid_m, C)``; ``fused``
+        ``(B, sum_m N_m, C)`` (``"tokens"``), ``(B, *grid, C)`` (``"sum"``) or ``(B, *grid, C * n)``
+        (``"concat"``), mask: the concatenation / ``OR`` of the masks; weights ``"position.<m>"
+        (B, 1, N_m, N_other)``, ``"channel.<m>" (B, 1, C, C)``.
 
     Example:
-        >>> fuse = MutualAttention("rgb", "depth", 32)
+        >>> fuse = MutualAttention(["rgb", "depth"], 32, form="affinity_swap", merge="sum")
         >>> rgb, depth = feature_map_tokens(torch.randn(2, 32, 8, 8)), feature_map_tokens(torch.randn(2, 32, 8, 8))
         >>> fuse({"rgb": rgb, "depth": depth}).per_source["rgb"].x.shape
         torch.Size([2, 8, 8, 32])
@@ -109,44 +125,60 @@ class MutualAttention(nn.Module):
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
-        a: str,
-        b: str,
+        sources: Sequence[str],
         dim: int,
         *,
-        form: Literal["affinity_swap", "cross"] = "affinity_swap",
+        a: str | None = None,
+        b: str | Sequence[str] | None = None,
+        form: Literal["cross", "affinity_swap"] = "cross",
         position: bool = True,
         channel: bool = True,
         reduction: int = 8,
         scale: float | None = 1.0,
         channel_scale: float = 1.0,
         channel_energy: Literal["similarity", "danet"] = "similarity",
-        merge: Literal["sum", "concat"] = "sum",
+        merge: Literal["tokens", "sum", "concat"] = "tokens",
         gate: Callable[[Tensor, Tensor], Tensor] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if a == b:
-            raise ValueError(f"MutualAttention needs two different sources, got a={a!r}, b={b!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)
+        names = list(sources)
+        if len(names) < 2:
+            raise ValueError(f"MutualAttention needs at least two sources (roles a and b), got sources={names}")
+        if a is not None and not isinstance(a, str):
+            raise ValueError(f"a= names one source, got {a!r}")
+        (a,) = role_names(a, "a", names, names[:1])
+        b_names = role_names(b, "b", names, [n for n in names if n != a])
+        if a in b_names:
+            raise ValueError(f"MutualAttention needs two different sources for a and b, got a={a!r}, b={list(b_names)}")
+        unused = [n for n in names if n != a and n not in b_names]
+        if unused:
+            raise ValueError(f"sources {unused} take no part: add them to b= or leave them out of sources")
         if form not in ("affinity_swap", "cross"):
-            raise ValueError(f"form must be 'affinity_swap' or 'cross', got {form!r}")
+            raise ValueError(f"form must be 'cross' or 'affinity_swap', got {form!r}")
         if channel_energy not in ("similarity", "danet"):
             raise ValueError(f"channel_energy must be 'similarity' or 'danet', got {channel_energy!r}")
-        if merge not in ("sum", "concat"):
-            raise ValueError(f"merge must be 'sum' or 'concat', got {merge!r}")
+        if merge not in ("tokens", "sum", "concat"):
+            raise ValueError(f"merge must be 'tokens', 'sum' or 'concat', got {merge!r}")
         if not (position or channel):
             raise ValueError("MutualAttention needs position=True or channel=True (or both)")
-        if reduction < 1 or dim // reduction < 1:
-            raise ValueError(f"reduction must be in [1, dim], got {reduction=}, {dim=}")
-        dd = {"device": device, "dtype": dtype}
-        self.a, self.b, self.form, self.merge = a, b, form, merge
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        if gate is not None and len(b_names) > 1:
+            raise ValueError(f"gate= weights the messages of one map at the positions of the other and needs a single b "
+                             f"source, got b={list(b_names)}")
+        self.a, self.b, self.form, self.merge = a, tuple(sorted(b_names)), form, merge
         self.scale, self.channel_scale, self.channel_energy = scale, channel_scale, channel_energy
         self.gate = gate
-        self.embed = SourceEmbedding([a, b], dim, type_embedding=None, **dd)
-        inner = dim // reduction
+        self.out_dim = dim * len(names) if merge == "concat" else dim
+        inner = max(1, dim // reduction)
         # per role ("a", "b"), so swapping the sources together with the parameter sets swaps the outputs
         self.to_q = nn.ModuleDict({r: nn.Linear(dim, inner, **dd) for r in "ab"}) if position else None
         self.to_k = nn.ModuleDict({r: nn.Linear(dim, inner, **dd) for r in "ab"}) if position else None
@@ -160,8 +192,8 @@ class MutualAttention(nn.Module):
 
     def _position(self, r: int, own, other, message_ok: Tensor, return_weights: bool):
         role, other_role = "ab"[r], "ab"[1 - r]
-        key_ok = (own.mask & other.mask)[:, None, None, :]  # (B, 1, 1, N)
         if self.form == "affinity_swap":
+            key_ok = (own.mask & other.mask)[:, None, None, :]  # (B, 1, 1, N)
             q = self.to_q[other_role](other.x)  # (B, N, C/r): the other map's affinity ...
             k = self.to_k[other_role](other.x)
             v = self.to_v[role](own.x)  # ... propagates this map's values
@@ -169,68 +201,113 @@ class MutualAttention(nn.Module):
             q = self.to_q[role](own.x)  # this map queries the other one
             k = self.to_k[other_role](other.x)
             v = self.to_v[other_role](other.x)
-            key_ok = other.mask[:, None, None, :]
+            key_ok = other.mask[:, None, None, :]  # (B, 1, 1, N_other)
         res = dense_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask=key_ok, scale=self.scale,
                               return_weights=return_weights)  # (B, 1, N, C)
         out, w = res if return_weights else (res, None)
         return out.squeeze(1) * message_ok, w
 
     def _channel(self, x: Tensor, other: Tensor, return_weights: bool):
-        keys = other.transpose(1, 2).unsqueeze(1)  # (B, 1, C, N): channels as tokens, positions as features
+        keys = other.transpose(1, 2).unsqueeze(1)  # (B, 1, C, N_other): channels as tokens, positions as features
         queries = -keys if self.channel_energy == "danet" else keys
         values = x.transpose(1, 2).unsqueeze(1)  # (B, 1, C, N)
         res = dense_attention(queries, keys, values, scale=self.channel_scale, return_weights=return_weights)
         out, w = res if return_weights else (res, None)
         return out.squeeze(1).transpose(1, 2), w  # (B, N, C)
 
+    def _message_gate(self, name: str, src, inputs: Mapping[str, TokenSet], gates: Mapping[str, Tensor] | None) -> Tensor:
+        """``(B, N_src or 1, 1)``: weight of the messages sent by ``name`` (0 where it is missing)."""
+        present = src.mask.any(dim=1).to(src.x.dtype)[:, None, None]  # (B, 1, 1)
+        g = None
+        if gates is not None and name in gates:
+            g = gates[name]
+        elif self.gate is not None:
+            grid = tuple(inputs[name].x.shape[1:-1])
+            g = self.gate(src.x.reshape(src.x.shape[0], *grid, -1), src.mask.reshape(src.mask.shape[0], *grid))
+        if g is None:
+            return present
+        return present * _gate_column(g.to(present.dtype), tuple(inputs[name].x.shape[1:-1]), name)
+
     def forward(
         self, inputs: Mapping[str, TokenSet], *, gates: Mapping[str, Tensor] | None = None, return_weights: bool = False
     ) -> FusionOutput:
-        """Fuse the two maps; ``gates`` (by source name, broadcastable to ``(B, *grid)``) override ``gate``."""
+        """Fuse ``a`` with ``b``; ``gates`` (by source name, broadcastable to ``(B, *grid)``) override ``gate``."""
         self.embed.check(inputs)
         grids = {n: tuple(ts.x.shape[1:-1]) for n, ts in inputs.items()}
-        if len(set(grids.values())) > 1:
-            raise ValueError(f"MutualAttention needs both maps on one grid, got {grids}")
-        name0 = next(iter(inputs))
-        grid, axes = grids[name0], inputs[name0].axes
+        if self.merge != "tokens" and len(set(grids.values())) > 1:
+            raise ValueError(f"merge={self.merge!r} needs every map on one grid, got {grids}; use merge='tokens'")
+        if gates is not None and len(self.b) > 1 and any(n in gates for n in self.b):
+            raise ValueError(f"gates on the messages of b need a single b source, got b={list(self.b)}")
         prepared = {s.name: s for s in self.embed(inputs)}
-        batch = inputs[name0].batch_size
-        names = (self.a, self.b)
+        present_b = [prepared[n] for n in self.b if n in prepared]
+        streams, b_layout = {}, {}
+        if self.a in prepared:
+            streams["a"] = prepared[self.a]
+        if present_b:
+            xb, mb, b_layout = concat_sources(present_b)  # (B, N_b, C): every b source, sorted
+            streams["b"] = PreparedSource("b", xb, mb)
+        if self.form == "affinity_swap" and len(streams) == 2 and streams["a"].x.shape[1] != streams["b"].x.shape[1]:
+            raise ValueError(f"form='affinity_swap' propagates a's values with b's affinity over the same positions and "
+                             f"needs a and b on one grid (one b source), got {grids}; use form='cross'")
         msg_gate = {}
-        for n in names:
-            if n not in prepared:
+        for role, src in streams.items():
+            name = self.a if role == "a" else self.b[0]
+            msg_gate[role] = self._message_gate(name, src, inputs, gates)
+        updated, weights = {}, {}
+        for r, role in enumerate("ab"):
+            if role not in streams:
                 continue
-            g = None
-            if gates is not None and n in gates:
-                g = gates[n]
-            elif self.gate is not None:
-                g = self.gate(prepared[n].x.reshape(batch, *grid, -1), prepared[n].mask.reshape(batch, *grid))
-            present = prepared[n].mask.any(dim=1).to(prepared[n].x.dtype)[:, None, None]  # (B, 1, 1)
-            msg_gate[n] = present if g is None else present * _gate_column(g.to(present.dtype), grid, n)
-        per_source, weights = {}, {}
-        for r, n in enumerate(names):
-            if n not in prepared:
-                continue
-            own = prepared[n]
+            own = streams[role]
             x = own.x
-            other_name = names[1 - r]
-            if other_name in prepared:
-                other = prepared[other_name]
-                g = msg_gate[other_name]  # (B, N or 1, 1): messages from the other map
+            other_role = "ab"[1 - r]
+            if other_role in streams:
+                other = streams[other_role]
+                g = msg_gate[other_role]  # (B, N_other or 1, 1): messages from the other map
+                if g.shape[1] not in (1, x.shape[1]):
+                    sender = self.a if other_role == "a" else self.b[0]
+                    raise ValueError(f"the gate on messages from {sender!r} has {g.shape[1]} positions but the receiving "
+                                     f"map has {x.shape[1]}: give a per-sample gate (B,) or maps on one grid")
                 if self.gamma is not None:
                     ok = (own.mask if self.form == "cross" else own.mask & other.mask).unsqueeze(-1).to(x.dtype)
                     p, w = self._position(r, own, other, ok, return_weights)
                     x = x + self.gamma[r] * g * p
                     if w is not None:
-                        weights[f"position.{n}"] = w
+                        weights[f"position.{role}"] = w
                 if self.beta is not None:
                     c, w = self._channel(x, other.x, return_weights)
                     x = x + self.beta[r] * g * c
                     if w is not None:
-                        weights[f"channel.{n}"] = w
-            x = zero_invalid(x, own.mask)
-            per_source[n] = TokenSet(x.reshape(batch, *grid, -1), own.mask.reshape(batch, *grid), axes)
-        outs = list(per_source.values())
+                        weights[f"channel.{role}"] = w
+            updated[role] = zero_invalid(x, own.mask)
+        per_source, maps = {}, {}
+        pieces = {self.a: (updated.get("a"), streams.get("a"), "a", (0, None))}
+        pieces.update({n: (updated.get("b"), streams.get("b"), "b", span) for n, span in b_layout.items()})
+        for name in (self.a, *self.b):
+            x, src, role, (start, stop) = pieces.get(name, (None, None, None, (0, None)))
+            if x is None:
+                continue
+            x, mask = x[:, start:stop], src.mask[:, start:stop]
+            batch, grid = x.shape[0], grids[name]
+            per_source[name] = TokenSet(x.reshape(batch, *grid, -1), mask.reshape(batch, *grid), inputs[name].axes)
+            for kind in ("position", "channel"):
+                w = weights.get(f"{kind}.{role}")
+                if w is not None:
+                    maps[f"{kind}.{name}"] = w[:, :, start:stop] if kind == "position" else w
+        fused, layout = self._merge(per_source)
+        return FusionOutput(fused, per_source, maps, layout)
+
+    def _merge(self, per_source: dict[str, TokenSet]) -> tuple[TokenSet, dict[str, tuple[int, int]]]:
+        """``(fused, layout)`` from the updated sources (see ``merge``)."""
+        names = [n for n in (self.a, *self.b) if n in per_source]
+        outs = [per_source[n] for n in names]
+        if self.merge == "tokens":
+            flat = [o.flatten() for o in outs]
+            layout, start = {}, 0
+            for n, f in zip(names, flat):
+                layout[n] = (start, start + f.x.shape[1])
+                start = layout[n][1]
+            fused = TokenSet(torch.cat([f.x for f in flat], dim=1), torch.cat([f.valid() for f in flat], dim=1))
+            return fused, layout
         mask = outs[0].valid()
         for o in outs[1:]:
             mask = mask | o.valid()
@@ -240,6 +317,6 @@ class MutualAttention(nn.Module):
                 fused_x = fused_x + o.x
         else:
             zeros = torch.zeros_like(outs[0].x)
-            fused_x = torch.cat([per_source[n].x if n in per_source else zeros for n in names], dim=-1)
-        layout = {n: (0, outs[0].num_tokens) for n in per_source}
-        return FusionOutput(TokenSet(fused_x, mask, axes), per_source, weights, layout)
+            fused_x = torch.cat([per_source[n].x if n in per_source else zeros for n in (self.a, *self.b)], dim=-1)
+        layout = {n: (0, outs[0].num_tokens) for n in names}
+        return TokenSet(fused_x, mask, outs[0].axes), layout

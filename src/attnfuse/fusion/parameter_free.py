@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
-from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
+from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources, role_names
 from attnfuse.ops import get_operator
 from attnfuse.tokens import TokenSet, zero_invalid
 
@@ -72,36 +72,42 @@ class ParameterFreeCrossAttention(nn.Module):
     """``Fuse(x) = (A * M)(X_v + E2)`` with ``A = SiLU(x) SiLU(X_v + E1)^T``; zero parameters.
 
     The query tokens ``x`` (e.g. the language model's hidden states at the MLP input) are used as
-    they are (no projections); ``X_v`` are the context (visual) tokens; ``E1`` / ``E2`` are optional
-    offsets added to the keys / values (``key_offset`` / ``value_offset``, owned and trained by the
-    caller; they are position-specific and break the invariance to the order of visual tokens).
-    ``M`` drops the lowest ``floor(drop_ratio * n)`` of each query's ``n`` valid scores
+    they are (no projections); ``X_v`` are the context (visual) tokens: the ``context`` sources'
+    tokens concatenated in sorted name order (masks kept). ``E1`` / ``E2`` are optional offsets added
+    to the keys / values (``key_offset`` / ``value_offset``, owned and trained by the caller; they are
+    position-specific and break the invariance to the order of visual tokens). ``M`` drops the lowest
+    ``floor(drop_ratio * n)`` of each query's ``n`` valid scores
     (:func:`attnfuse.ops.silu_kernel_attention`). With ``heads > 1`` the channels are split into
     groups, each with its own scores (ADEM-VL: one head). The output is the update alone, no residual.
 
-    An absent or fully masked context gives ``Fuse = 0``; invalid query tokens give 0.
+    An absent or fully masked context gives ``Fuse = 0``; invalid query tokens give 0; an absent query
+    source gives no output tokens (``fused`` ``(B, 0, D)``, the same valid tokens as a fully masked one).
 
     Args:
-        query: name of the query source (e.g. ``"text"``).
-        context: name of the context source (e.g. ``"visual"``, a :func:`multiscale_bank`).
+        sources: every source name this module receives.
+        dim: token width ``D`` (also ``out_dim``).
+        query: the query source (default ``sources[0]``, the first name as given; e.g. ``"text"``).
+        context: the context source name(s) (default: every other source; e.g. ``"visual"``, a
+            :func:`multiscale_bank`).
         drop_ratio: ``gamma`` in ``[0, 1)`` (ADEM-VL: 0.1).
-        heads: channel groups (must divide ``D``).
+        heads: channel groups (must divide ``dim``).
         op: attention operator: ``"silu_kernel"`` (the method) or e.g. ``"dense"`` (the softmax
             ablation; ``drop_ratio`` must then be 0).
         op_options: further operator options (e.g. ``{"backend": "reference"}``).
+        device, dtype: accepted for the fusion protocol (there are no parameters).
 
     Raises:
-        ValueError: equal names, ``drop_ratio`` with an operator that does not take it; at call
-            time, a missing query source, channels not divisible by ``heads``, offsets that do not
-            broadcast.
+        ValueError: fewer than two sources, the query among the context, a source in neither role,
+            ``heads`` not dividing ``dim``, ``drop_ratio`` with an operator that does not take it; at
+            call time, offsets that do not broadcast.
 
     Shapes:
-        inputs ``{query: (B, *axes_q, D), context: (B, *axes_c, D)}`` (flattened to ``L`` and
-        ``S`` tokens); ``key_offset`` / ``value_offset`` broadcastable to ``(B, S, D)`` ->
+        inputs ``{query: (B, *axes_q, D), context_j: (B, *axes_j, D)}`` (flattened to ``L`` and
+        ``S = sum_j S_j`` tokens); ``key_offset`` / ``value_offset`` broadcastable to ``(B, S, D)`` ->
         ``fused (B, L, D)``; weights ``"cross" (B, H, L, S)``.
 
     Example:
-        >>> fuse = ParameterFreeCrossAttention("text", "visual", drop_ratio=0.1)
+        >>> fuse = ParameterFreeCrossAttention(["text", "visual"], 32, drop_ratio=0.1)
         >>> out = fuse({"text": TokenSet(torch.randn(2, 5, 32)), "visual": TokenSet(torch.randn(2, 20, 32))})
         >>> out.fused.x.shape, sum(p.numel() for p in fuse.parameters())
         (torch.Size([2, 5, 32]), 0)
@@ -109,22 +115,40 @@ class ParameterFreeCrossAttention(nn.Module):
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = False
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
-        query: str,
-        context: str,
+        sources: Sequence[str],
+        dim: int,
         *,
+        query: str | None = None,
+        context: str | Sequence[str] | None = None,
         drop_ratio: float = 0.1,
         heads: int = 1,
         op: str = "silu_kernel",
         op_options: Mapping | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if query == context:
-            raise ValueError(f"query and context must be different sources, both are {query!r}")
-        if heads < 1:
-            raise ValueError(f"heads must be >= 1, got {heads}")
+        del device, dtype  # accepted for the fusion protocol; there are no parameters
+        # validation and zeroing of invalid tokens only: no type embedding, no parameters
+        self.embed = SourceEmbedding(sources, dim, type_embedding=None)
+        names = list(sources)
+        if len(names) < 2:
+            raise ValueError(f"ParameterFreeCrossAttention needs a query and a context source, got sources={names}")
+        if query is not None and not isinstance(query, str):
+            raise ValueError(f"query= names one source, got {query!r}")
+        (query,) = role_names(query, "query", names, names[:1])
+        contexts = role_names(context, "context", names, [n for n in names if n != query])
+        if query in contexts:
+            raise ValueError(f"query and context must be different sources, {query!r} is both")
+        unused = [n for n in names if n != query and n not in contexts]
+        if unused:
+            raise ValueError(f"sources {unused} take no part: add them to context= or leave them out of sources")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"heads must be >= 1 and divide dim, got {heads=}, {dim=}")
         self.spec = get_operator(op)
         options = dict(op_options or {})
         if drop_ratio:
@@ -133,12 +157,11 @@ class ParameterFreeCrossAttention(nn.Module):
             options["drop_ratio"] = drop_ratio
         self.spec.check_options(options)
         self.options = options
-        self.query, self.context, self.heads = query, context, heads
-        self._sources = tuple(sorted((query, context)))
+        self.query, self.context, self.heads, self.out_dim = query, tuple(sorted(contexts)), heads, dim
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return self._sources
+        return self.embed.sources
 
     def forward(
         self,
@@ -149,33 +172,32 @@ class ParameterFreeCrossAttention(nn.Module):
         return_weights: bool = False,
     ) -> FusionOutput:
         """``Fuse`` of the query tokens over the context; see the class docstring."""
-        if self.query not in inputs:
-            raise ValueError(f"the query source {self.query!r} is required (its tokens are the output positions)")
-        q_ts = inputs[self.query]
-        dim = q_ts.dim
-        # validation and zeroing of invalid tokens; built per call because D is only known here (no parameters)
-        prepared = {s.name: s for s in SourceEmbedding(self._sources, dim, type_embedding=None)(inputs)}
+        prepared = {s.name: s for s in self.embed(inputs)}
+        dim = self.out_dim
+        if self.query not in prepared:  # no output positions
+            ref = next(iter(prepared.values())).x
+            empty = TokenSet(ref.new_zeros(ref.shape[0], 0, dim), torch.zeros(ref.shape[0], 0, dtype=torch.bool, device=ref.device))
+            return FusionOutput(empty, {}, {}, {})
         q = prepared[self.query]
         b, lq, _ = q.x.shape
-        if dim % self.heads:
-            raise ValueError(f"the token width D={dim} must be divisible by heads={self.heads}")
         h = self.heads
 
         def split(t: Tensor) -> Tensor:
             return t.unflatten(-1, (h, dim // h)).transpose(1, 2)  # (B, N, D) -> (B, H, N, D/H)
 
-        if self.context in prepared:
-            c = prepared[self.context]
-            keys, values = c.x, c.x
+        contexts = [prepared[n] for n in self.context if n in prepared]
+        if contexts:
+            keys, key_mask, _ = concat_sources(contexts)  # (B, S, D), (B, S)
+            values = keys
             for name, off in (("key_offset", key_offset), ("value_offset", value_offset)):
                 if off is not None:
                     try:
-                        torch.broadcast_shapes(off.shape, c.x.shape)
+                        torch.broadcast_shapes(off.shape, keys.shape)
                     except RuntimeError:
-                        raise ValueError(f"{name} must broadcast to {tuple(c.x.shape)} (B, S, D), got {tuple(off.shape)}") from None
+                        raise ValueError(f"{name} must broadcast to {tuple(keys.shape)} (B, S, D), got {tuple(off.shape)}") from None
             keys = keys if key_offset is None else keys + key_offset
             values = values if value_offset is None else values + value_offset
-            mask = c.mask[:, None, None, :]  # (B, 1, 1, S)
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         else:  # no context: one fully masked key gives exactly zero
             keys = values = q.x.new_zeros(b, 1, dim)
             mask = torch.zeros(b, 1, 1, 1, dtype=torch.bool, device=q.x.device)

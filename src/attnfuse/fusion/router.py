@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from attnfuse.fusion._registry import register_fusion
+from attnfuse.fusion._registry import register_block
 from attnfuse.fusion.sources import SourceEmbedding
 from attnfuse.tokens import TokenSet
 
@@ -60,7 +60,7 @@ def run_where(fn: Callable[[Tensor], Tensor], x: Tensor, run: Tensor, *, skip: b
     return x.index_copy(0, idx, fn(x.index_select(0, idx)))
 
 
-@register_fusion("router")
+@register_block("router")
 class BudgetRouter(nn.Module):
     """Choose, per sample, which of ``K`` optional sites run.
 
@@ -75,7 +75,8 @@ class BudgetRouter(nn.Module):
       policy is an MLP on the masked mean of the ``source`` tokens (e.g. a special token); train it
       with cross-entropy on :meth:`pseudo_labels`.
 
-    The decision does not depend on token order (mean pooling): ``symmetry = "invariant"``.
+    The decision does not depend on token order (mean pooling): ``symmetry = "invariant"``. It
+    returns a :class:`RouteDecision`, not a ``FusionOutput``: a building block (``BLOCKS["router"]``).
 
     Args:
         source: the source whose tokens the policy reads.

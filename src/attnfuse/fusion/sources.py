@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from attnfuse.tokens import TokenSet, zero_invalid
 
-__all__ = ["RESERVED_NAMES", "FusionOutput", "PreparedSource", "SourceEmbedding"]
+__all__ = ["RESERVED_NAMES", "FusionOutput", "PreparedSource", "SourceEmbedding", "concat_sources", "role_names"]
 
 #: names a source may not take: they key the fusion tokens in ``FusionOutput.layout`` and the
 #: cross-source / latent / self-attention maps in ``FusionOutput.weights``
@@ -70,7 +70,7 @@ class SourceEmbedding(nn.Module):
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: empty or duplicate ``sources``, ``modality_dropout`` outside [0, 1).
+        ValueError: a string or an empty / duplicate ``sources``, ``modality_dropout`` outside [0, 1).
     """
 
     def __init__(
@@ -85,6 +85,8 @@ class SourceEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(sources, str):
+            raise ValueError(f"sources must be a sequence of names, e.g. [{sources!r}], got the string {sources!r}")
         names = list(sources)
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"sources must be distinct non-empty names, got {sources!r}")
@@ -166,3 +168,35 @@ class SourceEmbedding(nn.Module):
                 x = x + self.type_embedding[i].to(x.dtype)
             prepared.append(PreparedSource(name, x, mask))
         return prepared
+
+
+def role_names(arg: str | Sequence[str] | None, what: str, sources: Sequence[str],
+               default: Sequence[str]) -> tuple[str, ...]:
+    """The source names of one role (``query=``, ``key=``, ``b=`` ...): ``arg`` or ``default``.
+
+    Raises:
+        ValueError: an empty role, a repeated name or a name that is not among ``sources``.
+    """
+    names = tuple(default) if arg is None else ((arg,) if isinstance(arg, str) else tuple(arg))
+    if not names:
+        raise ValueError(f"{what}= must name at least one source; sources={list(sources)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}={list(names)} repeats a source")
+    unknown = [n for n in names if n not in sources]
+    if unknown:
+        raise ValueError(f"{what}={list(names)}: {unknown} not among sources={list(sources)}")
+    return names
+
+
+def concat_sources(prepared: Sequence[PreparedSource]) -> tuple[Tensor, Tensor, dict[str, tuple[int, int]]]:
+    """Concatenate prepared sources on the token axis: ``x (B, sum N_i, D)``, ``mask``, ``{name: (start, stop)}``.
+
+    ``prepared`` must be non-empty; the order is kept (callers pass sorted names).
+    """
+    layout, start = {}, 0
+    for src in prepared:
+        layout[src.name] = (start, start + src.x.shape[1])
+        start += src.x.shape[1]
+    x = torch.cat([s.x for s in prepared], dim=1)  # (B, sum N_i, D)
+    mask = torch.cat([s.mask for s in prepared], dim=1)  # (B, sum N_i)
+    return x, mask, layout

@@ -33,8 +33,8 @@ class HierarchicalFusion(nn.Module):
 
     Args:
         sources: names of the sources to fuse.
-        dim: token width ``D``.
-        heads: attention heads.
+        dim: token width ``D`` (also ``out_dim``).
+        heads: attention heads (must divide ``dim``).
         per_source_depth: blocks applied to each source alone (separate weights per source).
         cross_depth: blocks applied to the concatenation of all sources and the fusion tokens.
         num_fusion_tokens: always-present learned tokens placed first in the fused sequence.
@@ -56,15 +56,16 @@ class HierarchicalFusion(nn.Module):
 
     symmetry: ClassVar[str] = "equivariant"
     has_parameters: ClassVar[bool] = True
+    output: ClassVar[str] = "tokens"
 
     def __init__(
         self,
         sources: Sequence[str],
         dim: int,
         *,
-        heads: int,
-        per_source_depth: int,
-        cross_depth: int,
+        heads: int = 4,
+        per_source_depth: int = 1,
+        cross_depth: int = 1,
         num_fusion_tokens: int = 1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
@@ -77,9 +78,12 @@ class HierarchicalFusion(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if per_source_depth < 0 or cross_depth < 0:
+            raise ValueError(f"per_source_depth and cross_depth must be >= 0, got {per_source_depth=}, {cross_depth=}")
         if num_fusion_tokens < 1:
             raise ValueError(f"num_fusion_tokens must be >= 1 (samples with every source missing need an output), got {num_fusion_tokens}")
         dd = {"device": device, "dtype": dtype}
+        self.out_dim = dim
         block = {"heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "op": op, "op_options": op_options}
         self.embed = SourceEmbedding(sources, dim, type_embedding=type_embedding, missing_token=missing_token,
                                      modality_dropout=modality_dropout, **dd)
@@ -132,11 +136,12 @@ class HierarchicalFusion(nn.Module):
 class EarlyFusion(HierarchicalFusion):
     """Concatenate all sources' tokens (plus fusion tokens) and run one shared encoder.
 
-    ``EarlyFusion(sources, dim, heads=h, depth=d)`` is ``HierarchicalFusion(per_source_depth=0,
-    cross_depth=d)``; see :class:`HierarchicalFusion` for the other arguments.
+    ``EarlyFusion(sources, dim, heads=h, depth=d)`` (defaults ``heads=4, depth=2``) is
+    ``HierarchicalFusion(per_source_depth=0, cross_depth=d)``; see :class:`HierarchicalFusion` for the
+    other arguments.
     """
 
-    def __init__(self, sources: Sequence[str], dim: int, *, heads: int, depth: int, num_fusion_tokens: int = 1,
+    def __init__(self, sources: Sequence[str], dim: int, *, heads: int = 4, depth: int = 2, num_fusion_tokens: int = 1,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, op: str = "dense", op_options: Mapping | None = None,
                  type_embedding: Literal["learned", "zeros"] | None = "learned", missing_token: bool = False,
                  modality_dropout: float = 0.0, device: torch.device | None = None,
@@ -151,12 +156,12 @@ class EarlyFusion(HierarchicalFusion):
 class LateFusion(HierarchicalFusion):
     """Encode each source alone; sources meet only in the head (via the concatenated output).
 
-    ``LateFusion(sources, dim, heads=h, depth=d)`` is ``HierarchicalFusion(per_source_depth=d,
-    cross_depth=0)``. The fusion tokens are learned constants here (nothing attends across
+    ``LateFusion(sources, dim, heads=h, depth=d)`` (defaults ``heads=4, depth=2``) is
+    ``HierarchicalFusion(per_source_depth=d, cross_depth=0)``. The fusion tokens are learned constants here (nothing attends across
     sources), so pool with ``"mean"`` or ``"attention"`` rather than the fusion token.
     """
 
-    def __init__(self, sources: Sequence[str], dim: int, *, heads: int, depth: int, num_fusion_tokens: int = 1,
+    def __init__(self, sources: Sequence[str], dim: int, *, heads: int = 4, depth: int = 2, num_fusion_tokens: int = 1,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, op: str = "dense", op_options: Mapping | None = None,
                  type_embedding: Literal["learned", "zeros"] | None = "learned", missing_token: bool = False,
                  modality_dropout: float = 0.0, device: torch.device | None = None,
