@@ -228,7 +228,8 @@ def add_default_callbacks(trainer, model: FusionTask, *, patience: int = 10, kee
         trainer.callbacks.append(ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True,
                                                  filename="best-{epoch}-{step}", auto_insert_metric_name=False))
     if patience > 0 and has_val and not any(isinstance(c, EarlyStopping) for c in trainer.callbacks):
-        trainer.callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_finite=False))
+        # strict=False: a run that stops before its first validation (max_steps < one epoch) is not an error
+        trainer.callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_finite=False, strict=False))
 
 
 def fit_summary(run_dir: str | Path | None, best: str | None, metrics: Mapping[str, float]) -> str:
