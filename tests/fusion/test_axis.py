@@ -162,7 +162,7 @@ def test_layer_attention_one_source_per_layer_equals_the_history_source():
     torch.manual_seed(0)
     names = ("l0", "l1", "l2", "l3")
     hist = layer_module()
-    stacked = LayerAttention(list(names), D, heads=2, mlp_ratio=2.0).eval()
+    stacked = LayerAttention(list(names), D, heads=2, mlp_ratio=2.0, nodes="tokens").eval()
     assert stacked.num_layers == 4
     stacked.load_state_dict(hist.state_dict())
     ts = graphs()
@@ -171,7 +171,7 @@ def test_layer_attention_one_source_per_layer_equals_the_history_source():
     torch.testing.assert_close(out_s.weights["layer"], out.weights["layer"])
     torch.testing.assert_close(out_s.per_source["l3"].x, out.per_source["acts"].x)
     # the order given is the layer order: the last source asks
-    reordered = LayerAttention(list(reversed(names)), D, heads=2, mlp_ratio=2.0).eval()
+    reordered = LayerAttention(list(reversed(names)), D, heads=2, mlp_ratio=2.0, nodes="tokens").eval()
     reordered.load_state_dict(hist.state_dict())
     assert not torch.allclose(reordered(per_layer(ts, names)).fused.x, out.fused.x)
     # an absent layer equals an all-False one
@@ -181,12 +181,30 @@ def test_layer_attention_one_source_per_layer_equals_the_history_source():
     torch.testing.assert_close(absent, masked)
 
 
+def test_layer_attention_pooled_nodes_take_any_sources():
+    torch.manual_seed(0)
+    hist = LayerAttention(["l0", "l1", "l2"], D, heads=2, mlp_ratio=2.0).eval()  # nodes="pooled" (default)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    inputs = {"l0": TokenSet(torch.randn(2, 3, D, generator=g), mask), "l1": TokenSet(torch.randn(2, 5, D, generator=g)),
+              "l2": TokenSet(torch.randn(2, 1, D, generator=g))}
+    out = hist(inputs, return_weights=True)
+    assert out.fused.x.shape == (2, 1, D) and out.weights["layer"].shape == (2, 3)
+    means = [(t.x * t.valid()[..., None]).sum(1, keepdim=True) / t.valid().sum(1)[:, None, None] for t in inputs.values()]
+    history = TokenSet(torch.stack(means, dim=2), axes=("node", "layer"))  # (B, 1, 3, D): one node, three layers
+    single = LayerAttention(["h"], D, num_layers=3, heads=2, mlp_ratio=2.0).eval()
+    single.load_state_dict(hist.state_dict())
+    torch.testing.assert_close(out.fused.x, single({"h": history}).fused.x)
+
+
 def test_layer_attention_argument_errors():
     with pytest.raises(ValueError, match="num_layers must be len"):
         LayerAttention(["a", "b"], D, num_layers=3)
     with pytest.raises(ValueError, match="sequence of names"):
         LayerAttention("acts", D, num_layers=4)
-    stacked = LayerAttention(["a", "b"], D, heads=2)
+    with pytest.raises(ValueError, match="nodes"):
+        LayerAttention(["a", "b"], D, nodes="graph")
+    stacked = LayerAttention(["a", "b"], D, heads=2, nodes="tokens")
     with pytest.raises(ValueError, match="same token count"):
         stacked({"a": TokenSet(torch.randn(2, 4, D)), "b": TokenSet(torch.randn(2, 5, D))})
     with pytest.raises(ValueError, match="pass num_layers"):

@@ -26,6 +26,14 @@ __all__ = ["AxisAttention", "LayerAttention", "sinusoidal_table"]
 
 
 
+def _mean_token(ts: TokenSet) -> TokenSet:
+    """A flat TokenSet ``(B, N, D)`` as its masked mean ``(B, 1, D)``, valid where any token is."""
+    mask = ts.valid()  # (B, N)
+    m = mask.unsqueeze(-1).to(ts.x.dtype)
+    mean = zero_invalid(ts.x, mask).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, D)
+    return TokenSet(mean, mask.any(dim=1, keepdim=True))
+
+
 def sinusoidal_table(length: int, dim: int, *, dtype: torch.dtype | None = None) -> Tensor:
     """Fixed sinusoidal codes ``(length, dim)``: ``sin`` on even channels, ``cos`` on odd ones (Vaswani et al.)."""
     pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # (L, 1)
@@ -180,8 +188,11 @@ class LayerAttention(nn.Module):
     The activations of ``L`` layers for ``N`` nodes (layer 0 = input embedding, ``L - 1`` = last)
     come either as **one source** ``x (B, N, L, D)`` with axes ``(node_axis, layer_axis)`` (either
     order; the paper's input), or as **one source per layer**: ``sources[l]`` (the order given) is
-    layer ``l`` and holds plain tokens ``(B, N, D)`` (any token axes, flattened), every source with
-    the same ``N`` (token ``v`` of every source is node ``v``). Then::
+    layer ``l`` and holds plain tokens (any token axes, flattened). With one source per layer,
+    ``nodes="pooled"`` (default) makes each source one token (the masked mean of its valid tokens:
+    one node, so any sources work, e.g. the inputs of a table, as in GCAV's one vector per layer);
+    ``nodes="tokens"`` makes token ``v`` of every source node ``v`` (every source with the same
+    token count ``N``, e.g. a GNN's layers given separately). Then::
 
         X'_{v,l} = Proj_l(X_{v,l}) + P_l                 # per-layer linear projection, layer code P
         q_v      = X'_{v,L-1} W_Q,    k_{v,l} = X'_{v,l} W_K          # query from the last layer
@@ -213,6 +224,8 @@ class LayerAttention(nn.Module):
             ``len(sources)``. Give it for one source with a layer axis (``L`` of that axis).
         heads: heads of the node-wise attention (must divide ``dim``).
         layer_axis, node_axis: axis names of a single (node, layer) source.
+        nodes: with one source per layer, ``"pooled"`` (each source is one node) or ``"tokens"``
+            (token ``v`` of every source is node ``v``; equal token counts).
         normalize: ``"signed_sum"`` (the method) or ``"softmax"`` (the ablation).
         layer_proj: per-layer projections ``Proj_l`` (False: identity).
         layer_pe: ``"sinusoidal"`` (fixed), ``"learned"`` (GCAV-style) or None.
@@ -224,18 +237,19 @@ class LayerAttention(nn.Module):
 
     Raises:
         ValueError: bad options, ``num_layers != len(sources)`` with several sources; at call time,
-            wrong axes, ``L != num_layers``, or layer sources with different token counts.
+            wrong axes, ``L != num_layers``, or (``nodes="tokens"``) layer sources with different token
+            counts.
 
     Shapes:
-        ``{source: TokenSet (B, N, L, D)}`` or ``{layer_l: TokenSet (B, N, D)}`` -> ``fused (B, 1, D)``
-        or ``(B, N, D)``; weights ``"layer" (B, L)`` (the alphas) and ``"node.<i>" (B, H, N, N)``.
+        ``{source: TokenSet (B, N, L, D)}`` or ``{layer_l: TokenSet (B, N_l, D)}`` -> ``fused (B, 1, D)``
+        or ``(B, N, D)`` (``N = 1`` for ``nodes="pooled"``); weights ``"layer" (B, L)`` (the alphas) and ``"node.<i>" (B, H, N, N)``.
 
     Example:
         >>> hist = LayerAttention(["acts"], 16, num_layers=4, heads=2)
         >>> acts = TokenSet(torch.randn(2, 10, 4, 16), axes=("node", "layer"))
         >>> hist({"acts": acts}).fused.x.shape
         torch.Size([2, 1, 16])
-        >>> per_layer = LayerAttention(["l0", "l1", "l2"], 16)   # three layers, one source each
+        >>> per_layer = LayerAttention(["l0", "l1", "l2"], 16, nodes="tokens")   # three layers, one source each
         >>> per_layer({f"l{i}": TokenSet(torch.randn(2, 10, 16)) for i in range(3)}).fused.x.shape
         torch.Size([2, 1, 16])
     """
@@ -253,6 +267,7 @@ class LayerAttention(nn.Module):
         heads: int = 4,
         layer_axis: str = "layer",
         node_axis: str = "node",
+        nodes: Literal["pooled", "tokens"] = "pooled",
         normalize: Literal["signed_sum", "softmax"] = "signed_sum",
         layer_proj: bool = True,
         layer_pe: Literal["sinusoidal", "learned"] | None = "sinusoidal",
@@ -275,6 +290,8 @@ class LayerAttention(nn.Module):
         if len(self.layer_sources) > 1 and num_layers != len(self.layer_sources):
             raise ValueError(f"with several sources each source is one layer: num_layers must be len(sources)="
                              f"{len(self.layer_sources)} (or None), got {num_layers}")
+        if nodes not in ("pooled", "tokens"):
+            raise ValueError(f"nodes must be 'pooled' or 'tokens', got {nodes!r}")
         if normalize not in ("signed_sum", "softmax"):
             raise ValueError(f"normalize must be 'signed_sum' or 'softmax', got {normalize!r}")
         if layer_pe not in ("sinusoidal", "learned", None):
@@ -283,7 +300,7 @@ class LayerAttention(nn.Module):
             raise ValueError(f"readout must be 'mean' or None, got {readout!r}")
         if num_layers < 1 or node_depth < 0 or eps <= 0:
             raise ValueError(f"need num_layers >= 1, node_depth >= 0, eps > 0, got {num_layers=}, {node_depth=}, {eps=}")
-        self.layer_axis, self.node_axis, self.out_dim = layer_axis, node_axis, dim
+        self.layer_axis, self.node_axis, self.nodes, self.out_dim = layer_axis, node_axis, nodes, dim
         self.normalize, self.readout, self.eps, self.num_layers = normalize, readout, eps, num_layers
         if readout is None:
             self.symmetry = "equivariant"
@@ -327,10 +344,12 @@ class LayerAttention(nn.Module):
                 x, mask = x.transpose(1, 2), mask.transpose(1, 2)
             return x, mask, {name: mask.any(dim=2)}
         flat = {n: inputs[n].flatten() for n in self.layer_sources if n in inputs}
+        if self.nodes == "pooled":  # each layer source is one node: the masked mean of its valid tokens
+            flat = {n: _mean_token(ts) for n, ts in flat.items()}
         counts = {n: ts.x.shape[1] for n, ts in flat.items()}
         if len(set(counts.values())) > 1:
-            raise ValueError(f"LayerAttention stacks its sources as layers of the same nodes: every source needs the same "
-                             f"token count, got {counts}")
+            raise ValueError(f"nodes='tokens' stacks the sources as layers of the same nodes: every source needs the same "
+                             f"token count, got {counts}; use nodes='pooled'")
         ref = next(iter(flat.values())).x
         xs, masks = [], []
         for name in self.layer_sources:
