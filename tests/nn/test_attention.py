@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnfuse.nn import Attention, Encoder, TransformerBlock
-from attnfuse.ops import register_operator
+from attnfuse.ops import operator
 from attnfuse.ops._registry import OPERATORS
 
 
@@ -96,11 +96,11 @@ def test_new_operator_is_usable_by_name(scaled_operator):
     name = scaled_operator
     if name not in OPERATORS:
 
-        @register_operator(name)
-        def scaled(q, k, v, *, mask=None, bias=None, return_weights=False, factor: float = 1.0):
+        @operator(name)
+        def scaled(q, k, v, *, key_mask=None, mask=None, bias=None, return_weights=False, factor: float = 1.0):
             from attnfuse.ops import dense_attention
 
-            return dense_attention(q * factor, k, v, mask=mask, bias=bias, return_weights=return_weights)
+            return dense_attention(q * factor, k, v, key_mask=key_mask, mask=mask, bias=bias, return_weights=return_weights)
 
     attn = Attention(8, 2, op=name, factor=0.0)
     x = torch.randn(1, 5, 8)

@@ -14,7 +14,7 @@ def test_block_schedules():
     assert seq.block_axes == ("time", "time", "space", "space")
     inter = FactorizedEncoder(8, 2, axes=("time", "space"), depth=3, mode="interleaved")
     assert inter.block_axes == ("time", "space", "time")
-    assert [b.attn.op_kwargs["axis"] for b in inter.blocks] == [0, 1, 0]
+    assert [b.attn.op.axis for b in inter.blocks] == [0, 1, 0]
 
 
 def test_a_time_block_is_a_dense_block_on_every_agent_history():

@@ -59,7 +59,7 @@ def test_routing_attention_is_operator_plus_lepe():
     out, w = attn(x, mask=mask, return_weights=True)
     assert w.shape == (2, 2, 63, 63)
     q, k, v = _heads(attn, x)
-    core = ops.routing_attention(q, k, v, 3, 2, mask=mask.unsqueeze(1))  # (B, H, 9, 7, Dh)
+    core = ops.routing_attention(q, k, v, 3, 2, key_mask=mask)  # (B, H, 9, 7, Dh)
     v_cl = v.movedim(1, -2).reshape(2, 9, 7, 16) * mask.unsqueeze(-1)
     lepe = torch.nn.functional.conv2d(v_cl.permute(0, 3, 1, 2), attn.lepe.weight, attn.lepe.bias, padding=1, groups=16)
     want = attn.proj(core.movedim(1, -2).reshape(2, 9, 7, 16) + lepe.permute(0, 2, 3, 1))

@@ -29,7 +29,7 @@ def test_every_registered_operator_has_smoke_options():
 def test_operator_forward_backward_through_attention(name):
     torch.manual_seed(0)
     spec = OPERATORS[name]
-    attn = Attention(8, 2, op=name, **MINIMAL_OPTIONS[name])
+    attn = Attention(8, 2, op=spec.config(**MINIMAL_OPTIONS[name]))  # the typed options of the operator
     x = torch.randn(2, 6, 6, 8, requires_grad=True) if spec.layout == "grid" else torch.randn(2, 12, 8, requires_grad=True)
     mask = torch.ones(x.shape[:-1], dtype=torch.bool)
     mask[1, 0] = False

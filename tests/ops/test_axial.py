@@ -38,7 +38,7 @@ def slice_by_slice(oracle, q, k, v, axis, mask=None, is_causal=False):
 def test_each_slice_is_dense_attention(oracle, tol, backend, axis, causal):
     q, k, v = rand((2, 3, 4, 5, 3), 0, 6), rand((2, 3, 4, 5, 3), 1, 6), rand((2, 3, 4, 5, 3), 2, 4)
     mask = torch.rand(2, 1, 4, 5, 3, generator=torch.Generator().manual_seed(3)) > 0.3
-    out = ops.axial_attention(q, k, v, axis, mask=mask, is_causal=causal, backend=backend)
+    out = ops.axial_attention(q, k, v, axis, key_mask=mask, is_causal=causal, backend=backend)
     want = slice_by_slice(oracle, q, k, v, axis % 3, mask, causal)
     torch.testing.assert_close(out, want, **tol(F64, "fwd"))
     g_out = torch.randn_like(out)
@@ -52,7 +52,7 @@ def test_cross_attention_along_an_axis_and_empty_slices(oracle, tol):
     mask = torch.rand(2, 2, 9, 4, generator=torch.Generator().manual_seed(0)) > 0.3
     mask[:, :, :, 1] = False  # agent 1 has no valid key at any time
     for backend in ("sdpa", "reference"):
-        out = ops.axial_attention(q, k, v, 0, mask=mask, backend=backend)
+        out = ops.axial_attention(q, k, v, 0, key_mask=mask, backend=backend)
         torch.testing.assert_close(out, slice_by_slice(oracle, q, k, v, 0, mask), **tol(F64, "fwd"))
         assert torch.equal(out[:, :, :, 1], torch.zeros_like(out[:, :, :, 1]))
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
@@ -80,7 +80,7 @@ def test_axial_fuzz(oracle, tol, case):
     grid, axis, causal, p_keep, seed = case
     q, k, v = rand((2, 2, *grid), seed, 4), rand((2, 2, *grid), seed + 1, 4), rand((2, 2, *grid), seed + 2, 3)
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(seed)) < p_keep
-    out = ops.axial_attention(q, k, v, axis, mask=mask, is_causal=causal, backend="sdpa")
+    out = ops.axial_attention(q, k, v, axis, key_mask=mask, is_causal=causal, backend="sdpa")
     torch.testing.assert_close(out, slice_by_slice(oracle, q, k, v, axis, mask, causal), **tol(F64, "fwd"))
 
 
@@ -94,8 +94,8 @@ def test_bad_arguments():
         ops.axial_attention(q[0, 0], k[0, 0], v[0, 0], 0)
     with pytest.raises(ValueError, match="k may differ from q only along axis 0"):
         ops.axial_attention(q, k[:, :, :, :2], v[:, :, :, :2], 0)
-    with pytest.raises(ValueError, match="key mask"):
-        ops.axial_attention(q, k, v, 0, mask=torch.ones(1, 1, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask must be \(B, \*grid"):
+        ops.axial_attention(q, k, v, 0, key_mask=torch.ones(1, 1, 12, dtype=torch.bool))
     with pytest.raises(ValueError, match="cannot return attention weights"):
         ops.axial_attention(q, k, v, 0, return_weights=True, backend="sdpa")
 

@@ -103,15 +103,15 @@ def test_regions_partition_the_support(mode, causal, length, block):
 def test_blocked_and_reference_match_the_loop_oracle(tol, mode, causal, length, block):
     block = None if mode == "logsparse" else block
     q, k, v = rand_qkv(2, 2, length)
-    mask = torch.rand(2, 1, 1, length, generator=torch.Generator().manual_seed(1)) > 0.25
-    kw = {"mode": mode, "block_size": block, "is_causal": causal, "mask": mask, "scale": 0.6}
+    mask = torch.rand(2, 1, length, generator=torch.Generator().manual_seed(1)) > 0.25  # key mask (B, H, L)
+    kw = {"mode": mode, "block_size": block, "is_causal": causal, "key_mask": mask, "scale": 0.6}
     out, lse = ops.combiner_attention(q, k, v, backend="blocked", return_lse=True, **kw)
     ref, implied, lse_ref = ops.combiner_attention(q, k, v, backend="reference", return_weights=True, return_lse=True, **kw)
     torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
     torch.testing.assert_close(lse, lse_ref, **tol(F64, "fwd"))
     s = block or math.ceil(math.sqrt(length))
     for b, h in [(0, 0), (1, 1)]:
-        want, want_a = brute_combiner(q[b, h].detach(), k[b, h].detach(), v[b, h].detach(), mode, s, causal, mask[b, 0, 0], 0.6)
+        want, want_a = brute_combiner(q[b, h].detach(), k[b, h].detach(), v[b, h].detach(), mode, s, causal, mask[b, 0], 0.6)
         torch.testing.assert_close(ref[b, h].detach(), want, **tol(F64, "fwd"))
         torch.testing.assert_close(implied[b, h].detach(), want_a, **tol(F64, "fwd"))
     g_out = torch.randn_like(out)
@@ -160,14 +160,14 @@ def test_constant_keys_per_region_make_fixed_combiner_dense(oracle, tol, causal)
 @pytest.mark.parametrize("mode", MODES)
 def test_masked_keys_take_no_part_and_empty_rows_are_zero(mode):
     q, k, v = rand_qkv(2, 2, 17, seed=4)
-    mask = torch.rand(2, 1, 1, 17, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask = torch.rand(2, 17, generator=torch.Generator().manual_seed(4)) > 0.3  # key mask (B, L)
     mask[1] = False
     for backend in ("blocked", "reference"):
-        out = ops.combiner_attention(q, k, v, mode=mode, mask=mask, backend=backend)
+        out = ops.combiner_attention(q, k, v, mode=mode, key_mask=mask, backend=backend)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
-        v2 = torch.where(mask.transpose(-1, -2), v, v + 5.0)  # change only masked keys' values and keys
-        k2 = torch.where(mask.transpose(-1, -2), k, k - 3.0)
-        torch.testing.assert_close(ops.combiner_attention(q, k2, v2, mode=mode, mask=mask, backend=backend), out)
+        v2 = torch.where(mask[:, None, :, None], v, v + 5.0)  # change only masked keys' values and keys
+        k2 = torch.where(mask[:, None, :, None], k, k - 3.0)
+        torch.testing.assert_close(ops.combiner_attention(q, k2, v2, mode=mode, key_mask=mask, backend=backend), out)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert all(torch.isfinite(g).all() for g in grads)
 
@@ -200,8 +200,8 @@ def combiner_cases(draw):
 def test_combiner_fuzz(tol, case):
     mode, length, block, causal, p_keep, seed = case
     q, k, v = rand_qkv(2, 2, length, seed=seed)
-    mask = torch.rand(2, 2, 1, length, generator=torch.Generator().manual_seed(seed)) < p_keep
-    kw = {"mode": mode, "block_size": block, "is_causal": causal, "mask": mask}
+    mask = torch.rand(2, 2, length, generator=torch.Generator().manual_seed(seed)) < p_keep  # per-head key mask
+    kw = {"mode": mode, "block_size": block, "is_causal": causal, "key_mask": mask}
     out = ops.combiner_attention(q, k, v, backend="blocked", **kw)
     ref = ops.combiner_attention(q, k, v, backend="reference", **kw)
     torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
@@ -231,10 +231,12 @@ def test_bad_arguments():
         ops.combiner_attention(q, k, v, mode="logsparse", block_size=4)
     with pytest.raises(ValueError, match="same length"):
         ops.combiner_attention(q, k[:, :, :5], v[:, :, :5])
-    with pytest.raises(ValueError, match=r"key mask broadcastable to \(B, H, 1, L\)"):
-        ops.combiner_attention(q, k, v, mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"operator 'combiner': key_mask must be \(B, L\) = \(1, 8\) or \(B, H, L\)"):
+        ops.combiner_attention(q, k, v, key_mask=torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"torch\.bool"):
-        ops.combiner_attention(q, k, v, mask=torch.ones(8))
+        ops.combiner_attention(q, k, v, key_mask=torch.ones(1, 8))
+    with pytest.raises(TypeError, match=r"operator 'combiner' .*does not take a pair mask \(mask=\).*key_mask="):
+        ops.combiner_attention(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="rank 4"):
         ops.combiner_attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="cannot return attention weights"):
@@ -244,7 +246,7 @@ def test_bad_arguments():
 def test_registered_and_used_by_modules():
     spec = ops.get_operator("combiner")
     assert spec.layout == "sequence" and not spec.cross
-    assert spec.options == frozenset({"mode", "block_size", "scale", "count_correction", "backend"})
+    assert spec.options == frozenset({"mode", "block_size", "is_causal", "scale", "count_correction", "backend"})
     torch.manual_seed(0)
     attn = Attention(16, 2, op="combiner", mode="axial", block_size=3)
     x, mask = torch.randn(2, 10, 16), torch.rand(2, 10) > 0.2

@@ -85,7 +85,7 @@ def test_blocked_matches_reference_and_oracle(oracle, tol, grid, block, halo):
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(1)) > 0.3
     counts, bq, w = halo_windows(grid, blk, hal)
     bias = torch.randn(3, math.prod(counts), bq, w, dtype=F64, requires_grad=True)  # per head and block
-    kw = {"mask": mask, "bias": bias, "scale": 0.7}
+    kw = {"key_mask": mask, "bias": bias, "scale": 0.7}
     out = ops.halo_attention(q, k, v, block, halo, backend="blocked", **kw)
     ref = ops.halo_attention(q, k, v, block, halo, backend="reference", **kw)
     n = math.prod(grid)
@@ -108,7 +108,7 @@ def test_window_covering_the_grid_is_dense(oracle, tol, backend):
     flat = lambda t: t.reshape(2, 2, 35, -1)  # noqa: E731
     want, _, _ = oracle(flat(q), flat(k), flat(v), mask=mask.reshape(2, 1, 1, 35))
     for block, halo in [(3, 7), ((7, 5), 0), (2, (7, 5))]:  # halo or block reaching every key
-        out = ops.halo_attention(q, k, v, block, halo, mask=mask, backend=backend)
+        out = ops.halo_attention(q, k, v, block, halo, key_mask=mask, backend=backend)
         torch.testing.assert_close(flat(out), want, **tol(F64, "fwd"))
 
 
@@ -118,7 +118,7 @@ def test_queries_without_keys_give_zero_and_finite_gradients(backend):
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     mask[0] = False  # no key at all in sample 0
     mask[1, :, :4, :4] = False  # block (0, 0) of size 2, halo 1: its window [-1, 3)^2 has no valid key
-    out = ops.halo_attention(q, k, v, 2, 1, mask=mask, backend=backend)
+    out = ops.halo_attention(q, k, v, 2, 1, key_mask=mask, backend=backend)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[1, :, :2, :2], torch.zeros_like(out[1, :, :2, :2]))
     assert out[1, :, 4:, 4:].abs().sum() > 0
@@ -159,8 +159,8 @@ def test_halo_fuzz(tol, case):
     grid, block, halo, p_keep, seed = case
     q, k, v = rand_qkv(2, 2, grid, seed=seed)
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(seed)) < p_keep
-    out = ops.halo_attention(q, k, v, block, halo, mask=mask, backend="blocked")
-    ref = ops.halo_attention(q, k, v, block, halo, mask=mask, backend="reference")
+    out = ops.halo_attention(q, k, v, block, halo, key_mask=mask, backend="blocked")
+    ref = ops.halo_attention(q, k, v, block, halo, key_mask=mask, backend="reference")
     torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
     g = torch.autograd.grad(out.sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
@@ -182,10 +182,10 @@ def test_bad_arguments():
         ops.halo_attention(q, k, v, 2.5, 1)
     with pytest.raises(ValueError, match="same grid"):
         ops.halo_attention(q, k[:, :, :3], v[:, :, :3], 2, 1)
-    with pytest.raises(TypeError, match=r"mask must be a torch\.bool"):
-        ops.halo_attention(q, k, v, 2, 1, mask=torch.ones(1, 1, 4, 4))
-    with pytest.raises(ValueError, match="key mask"):
-        ops.halo_attention(q, k, v, 2, 1, mask=torch.ones(1, 1, 16, 16, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
+        ops.halo_attention(q, k, v, 2, 1, key_mask=torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"key_mask must be \(B, \*grid"):
+        ops.halo_attention(q, k, v, 2, 1, key_mask=torch.ones(1, 1, 16, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"bias must broadcast to \(B, H, NB, Bq, W\)"):
         ops.halo_attention(q, k, v, 2, 1, bias=torch.zeros(4, 17, dtype=F64))
     with pytest.raises(ValueError, match="unknown backend"):

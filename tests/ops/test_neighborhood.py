@@ -141,7 +141,7 @@ def test_tiled_matches_reference_with_mask_bias_rpb(tol, grid, kernel, dilation,
     mask = (torch.rand(2, 1, *grid, generator=g) > 0.3) if with_mask else None
     bias = torch.randn(1, 2, *grid, geom.window_size, generator=g, dtype=F64).requires_grad_()
     rpb = None if any(geom.causal) else torch.randn(2, *geom.rpb_shape, generator=g, dtype=F64).requires_grad_()
-    kw = {"dilation": dilation, "is_causal": causal, "mask": mask, "bias": bias, "rpb": rpb}
+    kw = {"dilation": dilation, "is_causal": causal, "key_mask": mask, "bias": bias, "rpb": rpb}
     ref, lse_ref = NA(q, k, v, kernel, **kw, backend="reference", return_lse=True)
     got, lse = NA(q, k, v, kernel, **kw, backend="tiled", return_lse=True)
     torch.testing.assert_close(lse, lse_ref, **tol(F64, "fwd"))
@@ -173,7 +173,7 @@ def test_full_kernel_is_dense_attention(tol, backend, grid):
     q, k, v = make_qkv(2, 2, grid, seed=3)
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2, *grid, generator=g) > 0.4
-    out = NA(q, k, v, grid, mask=mask, backend=backend)
+    out = NA(q, k, v, grid, key_mask=mask, backend=backend)
     n = math.prod(grid)
     flat = [t.reshape(2, 2, n, -1) for t in (q, k, v)]
     want = ops.dense_attention(*flat, mask=mask.reshape(2, 1, 1, n), backend="reference")
@@ -192,7 +192,7 @@ def test_query_with_every_window_key_masked_is_zero(backend):
     q, k, v = make_qkv(1, 2, (8, 9), seed=6)
     mask = torch.ones(1, 8, 9, dtype=torch.bool)
     mask[:, :4, :4] = False  # the window (3x3) of query (0, 0) is rows 0-2, cols 0-2: all masked
-    out, lse = NA(q, k, v, 3, mask=mask, backend=backend, return_lse=True)
+    out, lse = NA(q, k, v, 3, key_mask=mask, backend=backend, return_lse=True)
     assert torch.equal(out[:, :, 0, 0], torch.zeros_like(out[:, :, 0, 0]))
     assert torch.isneginf(lse[:, :, 0, 0]).all()
     assert not torch.equal(out[:, :, 7, 8], torch.zeros_like(out[:, :, 7, 8]))
@@ -210,7 +210,8 @@ def test_extra_keys_equal_dense_over_window_and_extras(oracle, tol, backend, gri
     ek = torch.randn(2, 2, 3, 4, generator=g, dtype=F64).requires_grad_()
     ev = torch.randn(2, 2, 3, 3, generator=g, dtype=F64).requires_grad_()
     mask = torch.rand(2, *grid, generator=g) > 0.5
-    out, lse = NA(q, k, v, kernel, dilation=dilation, is_causal=causal, mask=mask, extra_k=ek, extra_v=ev, backend=backend, return_lse=True)
+    out, lse = NA(q, k, v, kernel, dilation=dilation, is_causal=causal, key_mask=mask, extra_k=ek, extra_v=ev, backend=backend,
+                  return_lse=True)
     n = geom.num_tokens
     allowed, _ = dense_terms(grid, geom.kernel, geom.dilation, geom.causal)
     allowed = allowed & mask.reshape(2, 1, 1, n)  # (B, 1, N, N)
@@ -244,7 +245,7 @@ def test_fp32_tiled_matches_fp32_reference(tol, grid, kernel, dilation, causal):
     g = torch.Generator().manual_seed(15)
     mask = torch.rand(2, *grid, generator=g) > 0.2
     rpb = None if any(geom.causal) else torch.randn(2, *geom.rpb_shape, generator=g).requires_grad_()
-    kw = {"dilation": dilation, "is_causal": causal, "mask": mask, "rpb": rpb}
+    kw = {"dilation": dilation, "is_causal": causal, "key_mask": mask, "rpb": rpb}
     want = NA(q, k, v, kernel, **kw, backend="reference")
     got = NA(q, k, v, kernel, **kw, backend="tiled")
     inputs = [q, k, v] + ([rpb] if rpb is not None else [])
@@ -279,7 +280,7 @@ def test_bf16_tiled_close_to_float64_reference(kernel):
         ((1, 1, 9, 9, 4), {"kernel_size": (3, 3, 3)}, "tuple of 2"),
         ((1, 2, 9, 4), {"kernel_size": 3, "is_causal": True, "rpb": torch.zeros(2, 5)}, "causal"),
         ((1, 2, 9, 4), {"kernel_size": 3, "rpb": torch.zeros(2, 3)}, "rpb must have shape"),
-        ((1, 2, 9, 4), {"kernel_size": 3, "mask": torch.ones(1, 8, dtype=torch.bool)}, "mask must be"),
+        ((1, 2, 9, 4), {"kernel_size": 3, "key_mask": torch.ones(1, 8, dtype=torch.bool)}, "key_mask must be"),
         ((1, 2, 9, 4), {"kernel_size": 3, "bias": torch.zeros(9, 4)}, "bias must broadcast"),
         ((1, 2, 9, 4), {"kernel_size": 3, "extra_k": torch.zeros(1, 2, 3, 4)}, "together"),
         ((1, 2, 9, 4), {"kernel_size": 3, "backend": "nope"}, "unknown backend"),
@@ -294,7 +295,7 @@ def test_bad_arguments_raise_value_errors(shape, kwargs, match):
 def test_bad_types_raise_type_errors():
     q = torch.zeros(1, 1, 9, 4)
     with pytest.raises(TypeError, match="mask"):
-        NA(q, q, q, 3, mask=torch.ones(1, 9))
+        NA(q, q, q, 3, key_mask=torch.ones(1, 9))
     with pytest.raises(TypeError, match="kernel_size"):
         NA(q, q, q, 3.0)
 
@@ -387,7 +388,7 @@ def test_flex_matches_reference_cpu_inference(grid, kernel, dilation, causal, ex
     ek, ev = (torch.randn(2, 2, extra, 16, generator=g) for _ in range(2)) if extra else (None, None)
     mask = torch.rand(2, *grid, generator=g) > 0.3 if with_mask else None
     rpb = torch.randn(2, *geom.rpb_shape, generator=g) if with_rpb else None
-    kw = {"dilation": dilation, "is_causal": causal, "mask": mask, "rpb": rpb, "extra_k": ek, "extra_v": ev}
+    kw = {"dilation": dilation, "is_causal": causal, "key_mask": mask, "rpb": rpb, "extra_k": ek, "extra_v": ev}
     want = NA(q, k, v, kernel, **kw, backend="reference")
     got = NA(q, k, v, kernel, **kw, backend="flex")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -63,7 +63,7 @@ def _inputs(case):
     if case["extra"]:
         extra_k = torch.randn(b, h, case["extra"], d, generator=g, dtype=F64).requires_grad_()
         extra_v = torch.randn(b, h, case["extra"], dv, generator=g, dtype=F64).requires_grad_()
-    return geom, q, k, v, {"mask": mask, "rpb": rpb, "bias": bias, "extra_k": extra_k, "extra_v": extra_v}
+    return geom, q, k, v, {"key_mask": mask, "rpb": rpb, "bias": bias, "extra_k": extra_k, "extra_v": extra_v}
 
 
 def _mask_bhn(mask, rank):
@@ -101,8 +101,8 @@ def test_tiled_any_tile_fuzz(tol, case):
     geom, q, k, v, kw = _inputs(case)
     scale = 1.0 / math.sqrt(case["d"])
     want = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal,
-                                      mask=kw["mask"], rpb=kw["rpb"], backend="reference")
-    mask = None if kw["mask"] is None else _mask_bhn(kw["mask"], geom.rank)
+                                      key_mask=kw["key_mask"], rpb=kw["rpb"], backend="reference")
+    mask = None if kw["key_mask"] is None else _mask_bhn(kw["key_mask"], geom.rank)
     got, _ = tiled_neighborhood(q, k, v, geom, scale=scale, mask=mask, rpb=kw["rpb"], tile=case["tile"])
     torch.testing.assert_close(got, want, **tol(F64, "fwd"))
 
@@ -117,11 +117,12 @@ def test_reference_matches_dense_oracle_fuzz(oracle, tol, case):
     keys, valid, _ = window_indices(geom)
     allowed = torch.zeros(n, n, dtype=torch.bool)
     allowed[torch.arange(n)[:, None].expand_as(keys)[valid], keys[valid]] = True  # (N, N)
-    mask = kw["mask"]
+    mask = kw["key_mask"]
     dense_mask = allowed
     if mask is not None:
         dense_mask = allowed & _mask_bhn(mask, geom.rank).unsqueeze(-2)  # (B, Hm, N, N)
-    out = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal, mask=mask, backend="reference")
+    out = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal, key_mask=mask,
+                                     backend="reference")
     flat = [t.reshape(b, h, n, -1) for t in (q, k, v)]
     want, _, _ = oracle(*flat, mask=dense_mask)
     torch.testing.assert_close(out, want.reshape(out.shape), **tol(F64, "fwd"))

@@ -61,7 +61,7 @@ def test_routing_matches_brute_force_and_outputs_match_oracle(oracle, tol, grid,
     q, k, v = rand_qkv(2, 3, grid)
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(5)) > 0.25
     regs = (regions,) * len(grid) if isinstance(regions, int) else regions
-    out, routing = ops.routing_attention(q, k, v, regions, topk, mask=mask, return_routing=True, backend="reference")
+    out, routing = ops.routing_attention(q, k, v, regions, topk, key_mask=mask, return_routing=True, backend="reference")
     assert routing.shape == (2, math.prod(regs), topk)
     routes, members = brute_routing(q, k, grid, regs, topk, mask)
     assert [[sorted(r) for r in batch] for batch in routing.tolist()] == routes
@@ -80,8 +80,8 @@ def test_routing_matches_brute_force_and_outputs_match_oracle(oracle, tol, grid,
 def test_gather_matches_reference(tol, grid, regions, topk):
     q, k, v = rand_qkv(2, 3, grid, seed=1)
     mask = torch.rand(2, 3, *grid, generator=torch.Generator().manual_seed(2)) > 0.25  # per-head mask
-    out = ops.routing_attention(q, k, v, regions, topk, mask=mask, scale=0.8, backend="gather")
-    ref = ops.routing_attention(q, k, v, regions, topk, mask=mask, scale=0.8, backend="reference")
+    out = ops.routing_attention(q, k, v, regions, topk, key_mask=mask, scale=0.8, backend="gather")
+    ref = ops.routing_attention(q, k, v, regions, topk, key_mask=mask, scale=0.8, backend="reference")
     torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
     g_out = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out)):
@@ -94,7 +94,7 @@ def test_topk_all_regions_is_dense(oracle, tol, backend, grid, regions):
     q, k, v = rand_qkv(2, 2, grid, seed=3)
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(4)) > 0.3
     n_regions = math.prod((regions,) * len(grid) if isinstance(regions, int) else regions)
-    out = ops.routing_attention(q, k, v, regions, n_regions, mask=mask, backend=backend)
+    out = ops.routing_attention(q, k, v, regions, n_regions, key_mask=mask, backend=backend)
     n = math.prod(grid)
     want, _, _ = oracle(q.reshape(2, 2, n, -1), k.reshape(2, 2, n, -1), v.reshape(2, 2, n, -1), mask=mask.reshape(2, 1, 1, n))
     torch.testing.assert_close(out.reshape(2, 2, n, -1), want, **tol(F64, "fwd"))
@@ -117,7 +117,7 @@ def test_empty_regions_are_never_routed_and_empty_samples_are_zero():
     mask[0, :, :4, :4] = False  # 2 x 2 regions of 4 x 4: region 0 has no valid key
     mask[1] = False
     for backend in ("gather", "reference"):
-        out, routing = ops.routing_attention(q, k, v, 2, 3, mask=mask, return_routing=True, backend=backend)
+        out, routing = ops.routing_attention(q, k, v, 2, 3, key_mask=mask, return_routing=True, backend=backend)
         assert not (routing[0] == 0).any()
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -156,8 +156,8 @@ def test_routing_fuzz(tol, case):
     grid, regions, topk, p_keep, seed = case
     q, k, v = rand_qkv(2, 2, grid, seed=seed)
     mask = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(seed)) < p_keep
-    out = ops.routing_attention(q, k, v, regions, topk, mask=mask, backend="gather")
-    ref = ops.routing_attention(q, k, v, regions, topk, mask=mask, backend="reference")
+    out = ops.routing_attention(q, k, v, regions, topk, key_mask=mask, backend="gather")
+    ref = ops.routing_attention(q, k, v, regions, topk, key_mask=mask, backend="reference")
     torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
     g = torch.autograd.grad(out.sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
@@ -181,8 +181,8 @@ def test_bad_arguments():
         ops.routing_attention(q, k, v, (2, 2, 2), 1)
     with pytest.raises(ValueError, match="q must be a grid"):
         ops.routing_attention(q[0, 0], k[0, 0], v[0, 0], 2, 1)
-    with pytest.raises(ValueError, match="key mask"):
-        ops.routing_attention(q, k, v, 2, 1, mask=torch.ones(1, 1, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask must be \(B, \*grid"):
+        ops.routing_attention(q, k, v, 2, 1, key_mask=torch.ones(1, 1, 16, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="cannot return attention weights"):
         ops.routing_attention(q, k, v, 2, 1, return_weights=True, backend="gather")
 
@@ -190,7 +190,7 @@ def test_bad_arguments():
 def test_registered_and_used_by_modules():
     spec = ops.get_operator("routing")
     assert spec.layout == "grid" and not spec.cross
-    assert spec.options == frozenset({"regions", "topk", "scale", "return_routing", "backend"})
+    assert spec.options == frozenset({"regions", "topk", "scale", "backend"})
     torch.manual_seed(0)
     attn = Attention(16, 2, op="routing", regions=3, topk=2)
     x, mask = torch.randn(2, 9, 7, 16), torch.rand(2, 9, 7) > 0.2

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from attnfuse.nn.transformer import TransformerBlock
+from attnfuse.ops import OpConfig, get_operator, op_config
 from attnfuse.tokens import TokenSet
 
 __all__ = ["FactorizedEncoder"]
@@ -34,13 +35,15 @@ class FactorizedEncoder(nn.Module):
         mode: ``"sequential"`` (``depth / len(axes)`` blocks per axis, in the order of ``axes``;
             ``depth`` must be divisible) or ``"interleaved"`` (block ``i`` along ``axes[i % len(axes)]``).
         mlp_ratio, dropout, gate: as :class:`attnfuse.nn.TransformerBlock`.
-        op_options: extra options of the ``"axial"`` operator (e.g. ``{"backend": "reference"}``).
+        op: the ``"axial"`` operator's options (``attnfuse.ops.configs.Axial(axis=0, backend="reference")``)
+            or the name ``"axial"``; the encoder sets ``axis`` per block.
+        op_options: legacy form of the axial options (e.g. ``{"backend": "reference"}``).
         final_norm: LayerNorm after the last block.
         device, dtype: for the parameters.
 
     Raises:
-        ValueError: empty / repeated axis names, bad ``mode`` or ``depth``; at call time, a token set
-            whose axes are not exactly ``axes``.
+        ValueError: empty / repeated axis names, bad ``mode`` or ``depth``, an operator other than
+            ``"axial"``, ``axis`` in ``op_options``; at call time, a token set whose axes are not exactly ``axes``.
 
     Shapes:
         ``TokenSet x (B, *axes, D), mask (B, *axes)`` -> ``TokenSet`` of the same shape and axes.
@@ -62,6 +65,7 @@ class FactorizedEncoder(nn.Module):
         mode: Literal["sequential", "interleaved"] = "sequential",
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        op: str | OpConfig = "axial",
         op_options: Mapping | None = None,
         gate: bool = False,
         final_norm: bool = True,
@@ -80,6 +84,10 @@ class FactorizedEncoder(nn.Module):
             raise ValueError(f"mode='sequential' needs depth divisible by len(axes)={len(axes)}, got {depth=}")
         if op_options is not None and "axis" in op_options:
             raise ValueError("op_options must not set 'axis': the encoder assigns one axis per block")
+        name = op.name if isinstance(op, OpConfig) else get_operator(op).name
+        if name != "axial":
+            raise ValueError(f"FactorizedEncoder attends along one axis per block: op must be the 'axial' operator, got {name!r}")
+        base = op_config(op, **{"axis": 0, **dict(op_options or {})})  # axis is set per block below
         if mode == "sequential":
             per_axis = depth // len(axes)
             self.block_axes = tuple(a for a in axes for _ in range(per_axis))
@@ -88,8 +96,8 @@ class FactorizedEncoder(nn.Module):
         self.axes, self.mode = axes, mode
         dd = {"device": device, "dtype": dtype}
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op="axial",
-                             op_options={**dict(op_options or {}), "axis": axes.index(a)}, gate=gate, **dd)
+            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op_config(base, axis=axes.index(a)),
+                             gate=gate, **dd)
             for a in self.block_axes
         )
         self.norm = nn.LayerNorm(dim, **dd) if (final_norm and depth > 0) else None

@@ -73,7 +73,8 @@ class HaloAttention(_GridAttention):
         device, dtype: for the parameters.
 
     Shapes:
-        x ``(B, *grid, C)``, mask ``(B, *grid)`` -> ``(B, *grid, C)``; weights ``(B, heads, N, N)``.
+        x ``(B, *grid, C)``, mask ``(B, *grid)`` (which tokens exist; the operator's key mask) -> ``(B, *grid, C)``;
+        weights ``(B, heads, N, N)``.
 
     Example:
         >>> attn = HaloAttention(32, 4, block_size=4, halo_size=1)
@@ -124,7 +125,7 @@ class HaloAttention(_GridAttention):
         """Attend; see the class docstring. Returns ``out`` or ``(out, weights)``."""
         self._check(x, mask)
         q, k, v = self._qkv(x)
-        result = halo_attention(q, k, v, self.block_size, self.halo_size, mask=None if mask is None else mask.unsqueeze(1),
+        result = halo_attention(q, k, v, self.block_size, self.halo_size, key_mask=mask,
                                 bias=self._bias(q), scale=self.scale, return_weights=return_weights, backend=self.backend)
         out, weights = result if return_weights else (result, None)
         out = self._out(out)
@@ -148,7 +149,8 @@ class RoutingAttention(_GridAttention):
         device, dtype: for the parameters.
 
     Shapes:
-        x ``(B, *grid, C)``, mask ``(B, *grid)`` -> ``(B, *grid, C)``; weights ``(B, heads, N, N)``.
+        x ``(B, *grid, C)``, mask ``(B, *grid)`` (which tokens exist; the operator's key mask) -> ``(B, *grid, C)``;
+        weights ``(B, heads, N, N)``.
 
     Example:
         >>> attn = RoutingAttention(32, 4, regions=4, topk=2)
@@ -175,7 +177,7 @@ class RoutingAttention(_GridAttention):
         """Attend; see the class docstring. Returns ``out`` or ``(out, weights)``."""
         self._check(x, mask)
         q, k, v = self._qkv(x)
-        result = routing_attention(q, k, v, self.regions, self.topk, mask=None if mask is None else mask.unsqueeze(1),
+        result = routing_attention(q, k, v, self.regions, self.topk, key_mask=mask,
                                    scale=self.scale, return_weights=return_weights, backend=self.backend)
         out, weights = result if return_weights else (result, None)
         if self.lepe is not None:

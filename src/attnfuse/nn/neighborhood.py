@@ -43,7 +43,8 @@ class NeighborhoodAttention(nn.Module):
             ``rel_pos_bias`` with a causal axis.
 
     Shapes:
-        x ``(B, *grid, C)``; mask ``(B, *grid)`` bool key validity; context ``(B, S, C)``;
+        x ``(B, *grid, C)``; mask ``(B, *grid)`` bool, which tokens exist (the operator's key mask);
+        context ``(B, S, C)`` (all context tokens are valid);
         out ``(B, *grid, C)``; weights ``(B, heads, *grid, prod(kernel_size) + S)``.
 
     Example:
@@ -124,7 +125,7 @@ class NeighborhoodAttention(nn.Module):
             _, extra_k, extra_v = (self._heads(t) for t in self.to_qkv(context).chunk(3, dim=-1))  # (B, H, S, Dh)
         result = neighborhood_attention(
             q, k, v, self.kernel_size, dilation=self.dilation, is_causal=self.is_causal,
-            mask=None if mask is None else mask.unsqueeze(1), rpb=self.rpb, extra_k=extra_k, extra_v=extra_v,
+            key_mask=mask, rpb=self.rpb, extra_k=extra_k, extra_v=extra_v,
             scale=self.scale, return_weights=return_weights, backend=self.backend,
         )
         out, weights = result if return_weights else (result, None)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from attnfuse.nn.attention import Attention
+from attnfuse.ops import OpConfig, op_config
 
 __all__ = ["MLP", "Encoder", "TransformerBlock"]
 
@@ -41,8 +42,10 @@ class TransformerBlock(nn.Module):
         heads: attention heads.
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         dropout: dropout in attention output and MLP.
-        op: attention operator name for self- and cross-attention.
-        op_options: operator options (e.g. ``{"backend": "reference"}``).
+        op: attention operator for self- and cross-attention: typed options
+            (``attnfuse.ops.configs.Dense(backend="reference")``) or a registered name.
+        op_options: legacy form of the operator options (e.g. ``{"backend": "reference"}``); they
+            override the fields of ``op``. Prefer ``op=<Config>(...)``.
         self_attention: include the self-attention sublayer.
         cross_attention: include a cross-attention sublayer (needs ``context`` in forward).
         context_dim: channel width of ``context`` (default ``dim``).
@@ -61,7 +64,7 @@ class TransformerBlock(nn.Module):
         *,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
+        op: str | OpConfig = "dense",
         op_options: Mapping | None = None,
         self_attention: bool = True,
         cross_attention: bool = False,
@@ -74,13 +77,13 @@ class TransformerBlock(nn.Module):
         if not (self_attention or cross_attention):
             raise ValueError("TransformerBlock needs self_attention or cross_attention (or both)")
         dd = {"device": device, "dtype": dtype}
-        opts = dict(op_options or {})
+        op = op_config(op, **dict(op_options or {}))
         self.norm_self = nn.LayerNorm(dim, **dd) if self_attention else None
-        self.attn = Attention(dim, heads, op=op, dropout=dropout, **dd, **opts) if self_attention else None
+        self.attn = Attention(dim, heads, op=op, dropout=dropout, **dd) if self_attention else None
         self.norm_cross = nn.LayerNorm(dim, **dd) if cross_attention else None
         self.norm_context = nn.LayerNorm(dim if context_dim is None else context_dim, **dd) if cross_attention else None
         self.cross = (
-            Attention(dim, heads, op=op, context_dim=context_dim, dropout=dropout, **dd, **opts)
+            Attention(dim, heads, op=op, context_dim=context_dim, dropout=dropout, **dd)
             if cross_attention else None
         )
         self.norm_mlp = nn.LayerNorm(dim, **dd)
@@ -130,7 +133,7 @@ class Encoder(nn.Module):
 
     Args:
         dim, heads, mlp_ratio, dropout, op, op_options, gate, device, dtype: as
-            :class:`TransformerBlock`.
+            :class:`TransformerBlock` (``op_options`` is the legacy form).
         depth: number of blocks.
         final_norm: LayerNorm after the last block (only when ``depth > 0``).
 
@@ -145,7 +148,7 @@ class Encoder(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
+        op: str | OpConfig = "dense",
         op_options: Mapping | None = None,
         gate: bool = False,
         final_norm: bool = True,
@@ -156,9 +159,9 @@ class Encoder(nn.Module):
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth=}")
         dd = {"device": device, "dtype": dtype}
+        op = op_config(op, **dict(op_options or {}))
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
-                             op_options=op_options, gate=gate, **dd)
+            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op, gate=gate, **dd)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, **dd) if (final_norm and depth > 0) else None

@@ -15,19 +15,43 @@ Layout is heads-first, as in :func:`torch.nn.functional.scaled_dot_product_atten
 ``q (B, H, L, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)``; grid operators take
 ``(B, H, X, Y, D)`` / ``(B, H, X, Y, Z, D)``.
 
+Masks come in two kinds, with one meaning in every operator (booleans, ``True`` = takes part):
+
+* a **key mask** ``key_mask=``: which keys exist, ``(B, *keys)`` or ``(B, H, *keys)`` where ``*keys``
+  is the key token shape (``(S,)`` for sequences, ``*grid`` for grids) and ``B``, ``H`` may be 1.
+  Every operator takes it;
+* a **pair mask** ``mask=``: which (query, key) pairs take part, broadcastable to ``(B, H, L, S)``.
+  Only operators that can attend arbitrary pairs take it (``dense``, ``silu_kernel``).
+
 Conventions shared by all operators:
 
-* ``mask`` is boolean, ``True`` = this key takes part, broadcastable to ``(B, H, L, S)``.
 * A query with no allowed key returns exactly zero, and no gradient is NaN.
-* ``bias`` is an additive score bias that receives gradients.
+* ``bias`` is an additive score bias that receives gradients; its layout is the operator's (see its
+  Shapes section); not every operator takes one.
+* An argument an operator does not take (a pair mask on a grid operator, ``bias=`` on routing, ...)
+  raises a ``TypeError`` naming the operator and what it takes; passed at its neutral value
+  (``None`` / ``False``) it is ignored, so generic callers may pass the full set.
 * ``return_weights=True`` returns ``(out, weights)``; ``return_lse=True`` returns ``(out, lse)``,
   the log-sum-exp of the scores per query, ``-inf`` for a query with no allowed key.
 * ``backend="auto"`` picks the fastest backend that supports the call; see
   :mod:`attnfuse.ops.backends` for the list and the scope override.
+
+Each operator is declared once, ``@operator(name, backends=..., layout=..., cross=...)``, which also
+generates its typed options class :class:`OpConfig` (``attnfuse.ops.configs.<Name>``); see
+``docs/ops.md`` for the table of what every operator takes.
 """
 
 from attnfuse.ops import backends
-from attnfuse.ops._registry import OPERATORS, OperatorSpec, get_operator, list_operators, register_operator
+from attnfuse.ops._registry import (
+    OPERATORS,
+    Capabilities,
+    OpConfig,
+    OperatorSpec,
+    get_operator,
+    list_operators,
+    op_config,
+    operator,
+)
 from attnfuse.ops.axial import axial_attention
 from attnfuse.ops.combiner import combiner_attention
 from attnfuse.ops.dense import dense_attention
@@ -48,6 +72,8 @@ from attnfuse.ops.silu_kernel import silu_kernel_attention
 
 __all__ = [
     "OPERATORS",
+    "Capabilities",
+    "OpConfig",
     "OperatorSpec",
     "aggregate",
     "alpha_from_opinion",
@@ -65,9 +91,10 @@ __all__ = [
     "masked_softmax",
     "merge_attention",
     "neighborhood_attention",
+    "op_config",
+    "operator",
     "opinion_from_alpha",
     "opinion_from_evidence",
-    "register_operator",
     "routing_attention",
     "scores",
     "silu_kernel_attention",

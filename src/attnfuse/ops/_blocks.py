@@ -21,7 +21,7 @@ from attnfuse.ops.dense import dense_attention
 from attnfuse.ops.reference import reference_attention
 
 __all__ = [
-    "attend_blocks", "axis_coords", "blockify", "ceil_div", "check_grid_mask", "check_grid_qkv", "crop_grid", "grid_reference",
+    "attend_blocks", "axis_coords", "blockify", "ceil_div", "check_grid_qkv", "crop_grid", "grid_reference",
     "pad_grid", "per_axis", "unblockify", "valid_keys", "windows",
 ]
 
@@ -144,18 +144,6 @@ def check_grid_qkv(q: Tensor, k: Tensor, v: Tensor, *, ranks: tuple[int, ...] = 
     return tuple(q.shape[2:-1])
 
 
-def check_grid_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
-    """Check a bool key mask of shape ``(B or 1, H or 1, *grid)`` for ``target = (B, H, *grid)``."""
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = key takes part), got {got}")
-    if mask.dim() != len(target) or any(m not in (1, t) for m, t in zip(mask.shape, target)) or any(
-            m != t for m, t in zip(mask.shape[2:], target[2:])):
-        raise ValueError(f"mask must be a key mask of shape (B or 1, H or 1, *grid) = {target}, got mask.shape={tuple(mask.shape)}")
-
-
 def attend_blocks(q_blk: Tensor, k_blk: Tensor, v_blk: Tensor, *, key_mask: Tensor | None = None, bias: Tensor | None = None,
                   scale: float | None = None) -> Tensor:
     """Attention inside every block: one batched SDPA call, the blocks folded into the head axis.
@@ -175,16 +163,16 @@ def attend_blocks(q_blk: Tensor, k_blk: Tensor, v_blk: Tensor, *, key_mask: Tens
     """
     b, h, nb, bq, d = q_blk.shape
     w, dv = k_blk.shape[3], v_blk.shape[-1]
-    mask4 = bias4 = None
+    keys3 = bias4 = None
     if key_mask is not None:
         bm = key_mask.shape[0]
-        mask4 = key_mask.expand(bm, h, nb, w).reshape(bm, h * nb, 1, w)  # (B', H*NB, 1, W)
+        keys3 = key_mask.expand(bm, h, nb, w).reshape(bm, h * nb, w)  # (B', H*NB, W)
     if bias is not None:
         bb = bias.shape[0]
         bias4 = bias.expand(bb, h, nb, bq, w).reshape(bb, h * nb, bq, w)  # (B', H*NB, Bq, W)
     out = dense_attention(
         q_blk.reshape(b, h * nb, bq, d), k_blk.reshape(b, h * nb, w, d), v_blk.reshape(b, h * nb, w, dv),
-        mask=mask4, bias=bias4, scale=scale, backend="sdpa",
+        key_mask=keys3, bias=bias4, scale=scale, backend="sdpa",
     )  # (B, H*NB, Bq, Dv)
     return out.reshape(b, h, nb, bq, dv)  # (B, H, NB, Bq, Dv)
 
@@ -196,7 +184,7 @@ def grid_reference(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, mask: Te
     Args:
         q, k, v: ``(B, H, *grid, D)``, ``(B, H, *grid, D)``, ``(B, H, *grid, Dv)``.
         allowed: bool (query, key) pairs the operator attends, broadcastable to ``(B, H, N, N)``.
-        mask: bool key mask ``(B', H', *grid)`` combined with ``allowed``, or None.
+        mask: bool key mask ``(B', H', *grid)`` (checked) combined with ``allowed``, or None.
         bias: additive score bias broadcastable to ``(B, H, N, N)``, or None.
         scale: score scale, ``1/sqrt(D)`` when None.
         need_weights: return the weights too (else None in their place).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_bias", "check_broadcastable", "check_mask", "check_qkv"]
+__all__ = ["check_bias", "check_broadcastable", "check_key_mask", "check_mask", "check_qkv", "key_mask_to_pairs"]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, rank: int = 4) -> None:
@@ -55,7 +55,7 @@ def check_broadcastable(name: str, t: Tensor, target: tuple[int, ...]) -> None:
 
 
 def check_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
-    """Check a boolean key mask broadcastable to ``target``.
+    """Check a boolean pair mask broadcastable to ``target`` ``(B, H, L, S)``.
 
     Raises:
         TypeError: if ``mask`` is not a bool tensor.
@@ -69,7 +69,55 @@ def check_mask(mask: Tensor | None, target: tuple[int, ...]) -> None:
             f"mask must be a torch.bool tensor (True = key takes part), got {got}; "
             "for an additive float mask pass it as bias="
         )
-    check_broadcastable("mask", mask, target)
+    try:
+        check_broadcastable("mask", mask, target)
+    except ValueError as err:
+        if mask.dim() in (2, 3) and mask.shape[0] in (1, target[0]) and mask.shape[-1] == target[-1]:
+            raise ValueError(f"{err}; a mask (B, S) or (B, H, S) of the keys that exist is a key mask: pass key_mask=") from None
+        raise
+
+
+def check_key_mask(op: str, key_mask: Tensor | None, batch: int, heads: int, keys: tuple[int, ...], *,
+                   legend: str = "S") -> Tensor | None:
+    """Check a key mask and return it as ``(B', H', *keys)`` with ``B'`` in ``{1, B}``, ``H'`` in ``{1, H}``.
+
+    The one rule for every operator: a key mask says which keys exist, ``True`` = the key takes part
+    (for every query), with shape ``(B, *keys)`` or ``(B, H, *keys)``; ``B`` and ``H`` may be 1 and
+    the key axes ``*keys`` (``(S,)`` for sequences, ``*grid`` for grids) must be given in full.
+
+    Args:
+        op: operator name, for the messages.
+        key_mask: the mask or None.
+        batch, heads: ``B`` and ``H`` of the call.
+        keys: the key token shape.
+        legend: how ``*keys`` is written in messages (``"S"``, ``"*grid"``).
+
+    Raises:
+        TypeError: if ``key_mask`` is not a bool tensor.
+        ValueError: if its shape does not follow the rule (naming the operator and the shapes it takes).
+    """
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
+        raise TypeError(f"operator {op!r}: key_mask must be a torch.bool tensor (True = key exists), got {got}")
+    n = len(keys)
+    km = key_mask.unsqueeze(1) if key_mask.dim() == n + 1 else key_mask  # (B', H', *keys)
+    if km.dim() != n + 2 or km.shape[0] not in (1, batch) or km.shape[1] not in (1, heads) or tuple(km.shape[2:]) != tuple(keys):
+        hint = "; a (B, H, L, S) mask of (query, key) pairs is a pair mask (mask=)" if key_mask.dim() == n + 3 else ""
+        raise ValueError(
+            f"operator {op!r}: key_mask must be (B, {legend}) = {(batch, *keys)} or (B, H, {legend}) = {(batch, heads, *keys)} "
+            f"(B and H may be 1), got key_mask.shape={tuple(key_mask.shape)}{hint}"
+        )
+    return km
+
+
+def key_mask_to_pairs(mask: Tensor | None, key_mask: Tensor | None) -> Tensor | None:
+    """Combine a pair mask (broadcastable to ``(B, H, L, S)``) with a checked key mask ``(B', H', S)``."""
+    if key_mask is None:
+        return mask
+    pairs = key_mask.unsqueeze(-2)  # (B', H', 1, S)
+    return pairs if mask is None else mask & pairs
 
 
 def check_bias(bias: Tensor | None, target: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -26,9 +26,9 @@ import math
 import torch
 from torch import Tensor
 
-from attnfuse.ops._checks import check_qkv
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.dense import dense_attention
 
 __all__ = ["axial_attention"]
@@ -70,8 +70,8 @@ def _run(dense_backend: str):
         slice_mask = None
         if mask is not None:
             m = mask.expand(b, mask.shape[1], *kgrid).unsqueeze(-1)  # (B, H', *grid_k, 1)
-            slice_mask = _slices(m, axis).transpose(-2, -1)  # (B * P, H', 1, Nk)
-        result = dense_attention(_slices(q, axis), _slices(k, axis), _slices(v, axis), mask=slice_mask, scale=scale,
+            slice_mask = _slices(m, axis)[..., 0]  # (B * P, H', Nk): a key mask per slice
+        result = dense_attention(_slices(q, axis), _slices(k, axis), _slices(v, axis), key_mask=slice_mask, scale=scale,
                                  is_causal=is_causal, return_weights=need_weights, backend=dense_backend)
         out, weights = result if need_weights else (result, None)
         out = _unslice(out, lead, axis)  # (B, H, *grid_q, Dv)
@@ -80,20 +80,17 @@ def _run(dense_backend: str):
     return fn
 
 
-BACKENDS["axial"] = (
+@operator("axial", layout="grid", cross=True, backends=(
     Backend("sdpa", _run("sdpa")),
     Backend("reference", _run("reference"), weights=True),
-)
-
-
-@register_operator("axial", layout="grid", cross=True)
+))
 def axial_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     axis: int,
     *,
-    mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
     return_weights: bool = False,
@@ -106,8 +103,8 @@ def axial_attention(
         k: keys ``(B, H, *grid_k, D)``; ``grid_k`` equals ``grid`` except possibly on ``axis``.
         v: values ``(B, H, *grid_k, Dv)``.
         axis: grid axis to attend along (0 = first grid axis; negative counts from the last).
-        mask: bool key mask ``(B or 1, H or 1, *grid_k)``, ``True`` = key takes part; a slice with
-            no valid key gives zeros.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid_k)`` or ``(B, H, *grid_k)``
+            (B, H may be 1); a slice with no valid key gives zeros.
         scale: score scale, ``1/sqrt(D)`` when None.
         is_causal: along ``axis``, query ``i`` sees keys ``j <= i`` only.
         return_weights: also return dense weights ``(B, H, N, S)`` over the flattened grids (zero
@@ -118,11 +115,13 @@ def axial_attention(
         ``out (B, H, *grid, Dv)`` or ``(out, weights)``.
 
     Raises:
-        TypeError: non-float inputs, mixed dtypes, non-bool mask, non-int ``axis``.
-        ValueError: ranks, grids or mask shapes that do not match, ``axis`` out of range.
+        TypeError: non-float inputs, mixed dtypes, non-bool key mask, non-int ``axis``, a pair mask
+            (``mask=``) or ``bias=``.
+        ValueError: ranks, grids or key-mask shapes that do not match, ``axis`` out of range.
 
     Shapes:
-        See :mod:`attnfuse.ops`.
+        See :mod:`attnfuse.ops`. Takes: key mask ``(B, *grid_k)`` / ``(B, H, *grid_k)``; ``is_causal``
+        (along ``axis``); weights. No pair mask, no bias, no log-sum-exp.
 
     Example:
         >>> q = k = v = torch.randn(2, 4, 11, 5, 16)  # (B, H, time, agents, D)
@@ -141,14 +140,8 @@ def axial_attention(
     qgrid, kgrid = q.shape[2:-1], k.shape[2:-1]
     if any(a != axis and gq != gk for a, (gq, gk) in enumerate(zip(qgrid, kgrid))):
         raise ValueError(f"k may differ from q only along axis {axis}, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a torch.bool key mask, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.dim() != q.dim() - 1 or mask.shape[0] not in (1, q.shape[0]) or mask.shape[1] not in (1, q.shape[1]) \
-                or tuple(mask.shape[2:]) != tuple(kgrid):
-            raise ValueError(f"mask must be a key mask (B or 1, H or 1, *grid_k) with grid_k={tuple(kgrid)}, "
-                             f"got mask.shape={tuple(mask.shape)}")
+    mask = check_key_mask("axial", key_mask, q.shape[0], q.shape[1], tuple(kgrid), legend="*grid_k")  # (B', H', *grid_k)
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
-    impl = choose_backend("axial", backend, call)
+    impl = axial_attention.spec.choose_backend(backend, call)
     out, weights = impl.fn(q, k, v, axis=axis, mask=mask, scale=scale, is_causal=is_causal, need_weights=return_weights)
     return (out, weights) if return_weights else out

@@ -1,6 +1,7 @@
 """Backend dispatch: capabilities, then reasons, then an ordered list.
 
-Each operator keeps an ordered tuple of :class:`Backend` s (fastest first). ``backend="auto"``
+Each operator declares an ordered tuple of :class:`Backend` s (fastest first) in its
+``@operator(name, backends=...)`` declaration (:mod:`attnfuse.ops._registry`). ``backend="auto"``
 walks it and takes the first backend with no reason against the call; a named backend is used
 if it supports the call, and otherwise the error lists why. Within a ``with restrict(...)`` scope
 ``"auto"`` only considers the named backends (the scope is restored on exit, also on error); a
@@ -91,7 +92,7 @@ class Backend:
         return reasons
 
 
-#: operator name -> its backends, fastest first. Filled by each operator module at definition.
+#: operator name -> its backends, fastest first. Filled only by the ``@operator(name, backends=...)`` declarations.
 BACKENDS: dict[str, tuple[Backend, ...]] = {}
 
 

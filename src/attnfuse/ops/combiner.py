@@ -52,9 +52,9 @@ import torch
 from torch import Tensor
 
 from attnfuse.ops._blocks import ceil_div
-from attnfuse.ops._checks import check_qkv
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.reference import masked_softmax
 
 __all__ = ["combiner_attention", "combiner_regions"]
@@ -119,24 +119,23 @@ def combiner_regions(mode: str, length: int, block_size: int | None, is_causal: 
     return direct, torch.cat([above, below]), torch.cat([use_cr, use_cr], dim=1)
 
 
-def _key_valid(mask: Tensor | None, length: int, device) -> Tensor:
-    """Key validity ``(B', H', S)`` from a mask broadcastable to ``(B, H, 1, S)``."""
-    if mask is None:
+def _key_valid(key_mask: Tensor | None, length: int, device) -> Tensor:
+    """Key validity ``(B', H', S)`` from a checked key mask ``(B', H', S)`` (all True if None)."""
+    if key_mask is None:
         return torch.ones(1, 1, length, dtype=torch.bool, device=device)
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B', H', 1, S')
-    return m[:, :, 0, :].expand(m.shape[0], m.shape[1], length)
+    return key_mask
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _reference(q, k, v, *, mode, block, is_causal, mask, scale, correction, need_weights):
+def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, need_weights):
     dtype, compute = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     length = q.shape[2]
     direct, member, use = combiner_regions(mode, length, block, is_causal, q.device)
-    valid = _key_valid(mask, length, q.device)  # (B', H', S)
+    valid = _key_valid(key_mask, length, q.device)  # (B', H', S)
     member_v = member & valid.unsqueeze(-2)  # (B', H', R, S) valid keys of each region
     count = member_v.sum(-1).to(compute)  # (B', H', R)
     avg = member_v.to(compute) / count.clamp(min=1).unsqueeze(-1)  # (B', H', R, S) averaging weights
@@ -284,11 +283,11 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction):
     return out, lse
 
 
-def _blocked(q, k, v, *, mode, block, is_causal, mask, scale, correction, need_weights):
+def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, need_weights):
     dtype, compute = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     length = q.shape[2]
-    valid = _key_valid(mask, length, q.device)  # (B', H', L)
+    valid = _key_valid(key_mask, length, q.device)  # (B', H', L)
     if mode == "logsparse":
         out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction)
     else:
@@ -302,13 +301,10 @@ def _blocked(q, k, v, *, mode, block, is_causal, mask, scale, correction, need_w
     return out.to(dtype), None, lse.to(dtype)
 
 
-BACKENDS["combiner"] = (
+@operator("combiner", cross=False, backends=(
     Backend("blocked", _blocked, lse=True),
     Backend("reference", _reference, weights=True, lse=True),
-)
-
-
-@register_operator("combiner", cross=False)
+))
 def combiner_attention(
     q: Tensor,
     k: Tensor,
@@ -317,7 +313,7 @@ def combiner_attention(
     mode: Literal["axial", "fixed", "logsparse"] = "axial",
     block_size: int | None = None,
     is_causal: bool = False,
-    mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
     scale: float | None = None,
     count_correction: bool = True,
     return_weights: bool = False,
@@ -336,8 +332,9 @@ def combiner_attention(
         block_size: row length ``s`` of ``"fixed"`` / ``"axial"`` (default ``ceil(sqrt(L))``); must
             be None for ``"logsparse"``. ``L`` need not be divisible (pad + mask).
         is_causal: query ``i`` reaches keys ``j <= i`` only.
-        mask: bool **key** mask broadcastable to ``(B, H, 1, L)`` (e.g. key padding ``(B, 1, 1, L)``);
-            masked keys are left out of direct sets, region means, counts and pooling.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, L)`` or ``(B, H, L)`` (B, H may be 1);
+            masked keys are left out of direct sets, region means, counts and pooling. There is no
+            pair mask: query-dependent masks cannot pass through region summaries.
         scale: score scale, ``1/sqrt(D)`` when None.
         count_correction: add ``log |region|`` to summary scores (see the module docstring).
         return_weights: also return the implied attention matrix ``(B, H, L, L)`` (reference path).
@@ -350,12 +347,13 @@ def combiner_attention(
         ``out (B, H, L, Dv)``, followed by ``weights`` and / or ``lse`` when asked for.
 
     Raises:
-        TypeError: non-float inputs, mixed dtypes, non-bool mask.
-        ValueError: ranks or lengths that do not match (``L`` of q and k must agree), a mask that is not a
-            key mask, unknown ``mode``, ``block_size < 1`` or ``block_size`` with ``"logsparse"``.
+        TypeError: non-float inputs, mixed dtypes, non-bool key mask, a pair mask (``mask=``) or ``bias=``.
+        ValueError: ranks or lengths that do not match (``L`` of q and k must agree), a key mask of
+            another shape, unknown ``mode``, ``block_size < 1`` or ``block_size`` with ``"logsparse"``.
 
     Shapes:
-        See :mod:`attnfuse.ops` (B, H, L, D, Dv).
+        See :mod:`attnfuse.ops` (B, H, L, D, Dv). Takes: key mask ``(B, L)`` / ``(B, H, L)``;
+        ``is_causal``; weights; log-sum-exp. No pair mask, no bias.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 100, 16)
@@ -377,17 +375,11 @@ def combiner_attention(
         block_size = max(1, math.ceil(math.sqrt(length)))
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a torch.bool key mask, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        target = (q.shape[0], q.shape[1], 1, length)
-        if mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(mask.shape), reversed(target))):
-            raise ValueError(f"mask must be a key mask broadcastable to (B, H, 1, L) = {target}, got mask.shape={tuple(mask.shape)}; "
-                             "query-dependent masks cannot pass through region summaries")
+    key_mask = check_key_mask("combiner", key_mask, q.shape[0], q.shape[1], (length,), legend="L")  # (B', H', L)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    call = Call.of(q, k, v, mask=mask, need_weights=return_weights, need_lse=return_lse)
-    impl = choose_backend("combiner", backend, call)
-    out, weights, lse = impl.fn(q, k, v, mode=mode, block=block_size, is_causal=is_causal, mask=mask, scale=scale,
+    call = Call.of(q, k, v, mask=key_mask, need_weights=return_weights, need_lse=return_lse)
+    impl = combiner_attention.spec.choose_backend(backend, call)
+    out, weights, lse = impl.fn(q, k, v, mode=mode, block=block_size, is_causal=is_causal, key_mask=key_mask, scale=scale,
                                 correction=count_correction, need_weights=return_weights)
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
     return (out, *extra) if extra else out

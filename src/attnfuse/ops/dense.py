@@ -2,6 +2,7 @@
 
 Paper: Vaswani et al., "Attention Is All You Need" (https://arxiv.org/abs/1706.03762).
 Status: exact; backends ``"sdpa"`` (torch's fused kernels) and ``"reference"``.
+Takes both mask kinds: a key mask (``key_mask=``) and a pair mask (``mask=``), and a ``(B, H, L, S)`` bias.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfuse.ops._checks import check_bias, check_mask, check_qkv
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_bias, check_key_mask, check_mask, check_qkv, key_mask_to_pairs
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.reference import causal_mask, reference_attention
 
 __all__ = ["dense_attention"]
@@ -55,18 +56,16 @@ def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
     return out, None, None
 
 
-BACKENDS["dense"] = (
+@operator("dense", backends=(
     Backend("sdpa", _sdpa),
     Backend("reference", _reference, weights=True, lse=True),
-)
-
-
-@register_operator("dense")
+))
 def dense_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
+    key_mask: Tensor | None = None,
     mask: Tensor | None = None,
     bias: Tensor | None = None,
     scale: float | None = None,
@@ -84,8 +83,9 @@ def dense_attention(
         q: queries ``(B, H, L, D)``.
         k: keys ``(B, H, S, D)``.
         v: values ``(B, H, S, Dv)``.
-        mask: bool, ``True`` = key takes part, broadcastable to ``(B, H, L, S)``
-            (a key-padding mask is ``(B, 1, 1, S)``).
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, S)`` or ``(B, H, S)`` (B, H may be 1).
+        mask: bool pair mask, ``True`` = query ``i`` may attend key ``j``, broadcastable to
+            ``(B, H, L, S)``. With ``key_mask`` a pair takes part only if both allow it.
         bias: additive float score bias broadcastable to ``(B, H, L, S)``; receives gradients.
             Use ``mask`` (not ``-inf`` in ``bias``) to exclude keys.
         scale: score scale, ``1/sqrt(D)`` when None.
@@ -100,25 +100,27 @@ def dense_attention(
         depending on the flags.
 
     Raises:
-        TypeError: non-float q/k/v, mixed dtypes, non-bool ``mask``, non-float ``bias``.
+        TypeError: non-float q/k/v, mixed dtypes, non-bool masks, non-float ``bias``.
         ValueError: wrong ranks, mismatched ``(B, H)``, ``D`` or ``S``, masks/biases that do not
             broadcast, unknown ``backend``.
 
     Shapes:
-        See :mod:`attnfuse.ops` (B, H, L, S, D, Dv).
+        See :mod:`attnfuse.ops` (B, H, L, S, D, Dv). Takes: key mask ``(B, S)`` / ``(B, H, S)``; pair
+        mask and bias broadcastable to ``(B, H, L, S)``; ``is_causal``; weights; log-sum-exp.
 
     Example:
         >>> q = k = v = torch.randn(2, 4, 16, 32)
-        >>> out = dense_attention(q, k, v, mask=torch.rand(2, 1, 1, 16) > 0.5)
+        >>> out = dense_attention(q, k, v, key_mask=torch.rand(2, 16) > 0.5)
         >>> out.shape
         torch.Size([2, 4, 16, 32])
     """
     check_qkv(q, k, v)
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     check_mask(mask, target)
+    mask = key_mask_to_pairs(mask, check_key_mask("dense", key_mask, q.shape[0], q.shape[1], (k.shape[2],)))
     check_bias(bias, target, q.dtype)
     call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights, need_lse=return_lse)
-    impl = choose_backend("dense", backend, call)
+    impl = dense_attention.spec.choose_backend(backend, call)
     out, weights, lse = impl.fn(
         q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
         need_weights=return_weights, need_lse=return_lse,

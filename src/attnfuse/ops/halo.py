@@ -9,7 +9,7 @@ keys with zeros and lets queries attend to them (score 0, value 0) and requires 
 
 Semantics, per grid axis of extent ``G`` with block ``b`` and halo ``h``: the query at coordinate
 ``x`` lies in block ``n = x // b``; it attends to every key ``y`` with
-``n*b - h <= y < (n+1)*b + h`` and ``0 <= y < G`` (on every axis), and that is allowed by ``mask``.
+``n*b - h <= y < (n+1)*b + h`` and ``0 <= y < G`` (on every axis), and that is allowed by ``key_mask``.
 The last block may be partial (``G % b != 0``): its missing queries are simply not computed.
 
 Tiny materialised example, 1-D grid ``G = 5``, ``block_size = 2``, ``halo_size = 1``
@@ -23,7 +23,7 @@ Tiny materialised example, 1-D grid ``G = 5``, ``block_size = 2``, ``halo_size =
 
 Equivalent dense formulation (what backend ``"reference"`` runs)::
 
-    allowed[i, j] = all_axes(start_i - h <= c_j < start_i + b + h) & mask[j]   # start_i = (c_i // b) * b
+    allowed[i, j] = all_axes(start_i - h <= c_j < start_i + b + h) & key_mask[j]   # start_i = (c_i // b) * b
     out = softmax(scale * q @ k^T + bias_dense, over allowed) @ v              # zero rows where nothing allowed
 """
 
@@ -40,7 +40,6 @@ from attnfuse.ops._blocks import (
     axis_coords,
     blockify,
     ceil_div,
-    check_grid_mask,
     check_grid_qkv,
     crop_grid,
     grid_reference,
@@ -50,8 +49,9 @@ from attnfuse.ops._blocks import (
     valid_keys,
     windows,
 )
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 
 __all__ = ["halo_attention", "halo_key_sets", "halo_query_blocks", "halo_relative_index", "halo_windows"]
 
@@ -148,13 +148,10 @@ def _blocked(q, k, v, *, block, halo, mask, bias, scale, need_weights):
     return crop_grid(unblockify(out, counts, block), grid), None  # (B, H, *grid, Dv)
 
 
-BACKENDS["halo"] = (
+@operator("halo", layout="grid", cross=False, backends=(
     Backend("blocked", _blocked),
     Backend("reference", _reference, weights=True),
-)
-
-
-@register_operator("halo", layout="grid", cross=False)
+))
 def halo_attention(
     q: Tensor,
     k: Tensor,
@@ -162,7 +159,7 @@ def halo_attention(
     block_size: int | Sequence[int],
     halo_size: int | Sequence[int],
     *,
-    mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
     bias: Tensor | None = None,
     scale: float | None = None,
     return_weights: bool = False,
@@ -176,7 +173,7 @@ def halo_attention(
         v: values ``(B, H, *grid, Dv)``.
         block_size: query block size, an int or one per grid axis (HaloNet: 8).
         halo_size: halo width added on each side of the block, an int or one per axis (HaloNet: 3).
-        mask: bool key mask ``(B or 1, H or 1, *grid)``, ``True`` = key takes part.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid)`` or ``(B, H, *grid)`` (B, H may be 1).
         bias: additive score bias broadcastable to ``(B, H, NB, Bq, W)`` (``NB`` blocks, ``Bq`` =
             prod(block) queries per block, ``W`` = prod(block + 2*halo) keys per window, both
             row-major); e.g. a relative-position bias ``(H, 1, Bq, W)``. Receives gradients.
@@ -188,11 +185,14 @@ def halo_attention(
         ``out (B, H, *grid, Dv)`` or ``(out, weights)``.
 
     Raises:
-        TypeError: non-float inputs, mixed dtypes, non-bool mask, non-float bias, non-int sizes.
-        ValueError: ranks, grids or sizes that do not match, ``block_size < 1``, ``halo_size < 0``.
+        TypeError: non-float inputs, mixed dtypes, non-bool key mask, non-float bias, non-int sizes,
+            a pair mask (``mask=``).
+        ValueError: ranks, grids, key-mask or bias shapes that do not match, ``block_size < 1``, ``halo_size < 0``.
 
     Shapes:
-        See :mod:`attnfuse.ops`; grids are ``(B, H, X, Y, D)`` in 2-D.
+        See :mod:`attnfuse.ops`; grids are ``(B, H, X, Y, D)`` in 2-D. Takes: key mask ``(B, *grid)`` /
+        ``(B, H, *grid)``; bias ``(B, H, NB, Bq, W)`` (broadcastable); weights. No pair mask, no causal
+        flag, no log-sum-exp.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 10, 7, 16)  # any grid size: no divisibility needed
@@ -202,7 +202,7 @@ def halo_attention(
     grid = check_grid_qkv(q, k, v)
     block = per_axis("block_size", block_size, len(grid), minimum=1)
     halo = per_axis("halo_size", halo_size, len(grid), minimum=0)
-    check_grid_mask(mask, (q.shape[0], q.shape[1], *grid))
+    mask = check_key_mask("halo", key_mask, q.shape[0], q.shape[1], grid, legend="*grid")  # (B', H', *grid)
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
@@ -212,6 +212,6 @@ def halo_attention(
             raise ValueError(f"bias must broadcast to (B, H, NB, Bq, W) = {target}, got bias.shape={tuple(bias.shape)}")
         bias = bias.to(q.dtype)
     call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights)
-    impl = choose_backend("halo", backend, call)
+    impl = halo_attention.spec.choose_backend(backend, call)
     out, weights = impl.fn(q, k, v, block=block, halo=halo, mask=mask, bias=bias, scale=scale, need_weights=return_weights)
     return (out, weights) if return_weights else out

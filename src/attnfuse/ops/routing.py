@@ -19,7 +19,7 @@ Semantics, as the official implementation (``diff_routing=False``, ``soft_routin
 3. Query region ``i`` keeps the ``topk`` regions of highest affinity (``torch.topk``; key regions with
    no valid key rank last), and each of its queries attends to every valid token of those regions.
 
-Masked keys (``mask`` False) are excluded from the key means and from attention; masked
+Masked keys (``key_mask`` False) are excluded from the key means and from attention; masked
 positions are also left out of the query means (for self-attention the mask marks invalid tokens).
 
 Tiny materialised example, 1-D grid of 4 tokens, ``regions = 2`` (``{0, 1}``, ``{2, 3}``),
@@ -32,7 +32,7 @@ Tiny materialised example, 1-D grid of 4 tokens, ``regions = 2`` (``{0, 1}``, ``
 
 Equivalent dense formulation (backend ``"reference"``)::
 
-    allowed[b, i, j] = region(j) in topk_regions[b, region(i)] and mask[j]
+    allowed[b, i, j] = region(j) in topk_regions[b, region(i)] and key_mask[j]
     out = softmax(scale * q @ k^T, over allowed) @ v
 """
 
@@ -48,7 +48,6 @@ from attnfuse.ops._blocks import (
     axis_coords,
     blockify,
     ceil_div,
-    check_grid_mask,
     check_grid_qkv,
     crop_grid,
     grid_reference,
@@ -57,8 +56,9 @@ from attnfuse.ops._blocks import (
     unblockify,
     valid_keys,
 )
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 
 __all__ = ["route_regions", "routing_attention"]
 
@@ -139,13 +139,10 @@ def _gathered(q, k, v, *, regions, idx, mask, scale, need_weights):
     return crop_grid(unblockify(out, regions, size), grid), None  # (B, H, *grid, Dv)
 
 
-BACKENDS["routing"] = (
+@operator("routing", layout="grid", cross=False, backends=(
     Backend("gather", _gathered),
     Backend("reference", _reference, weights=True),
-)
-
-
-@register_operator("routing", layout="grid", cross=False)
+))
 def routing_attention(
     q: Tensor,
     k: Tensor,
@@ -153,7 +150,7 @@ def routing_attention(
     regions: int | Sequence[int],
     topk: int,
     *,
-    mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
     scale: float | None = None,
     return_weights: bool = False,
     return_routing: bool = False,
@@ -169,7 +166,7 @@ def routing_attention(
             at most the grid extent. Grids need not be divisible (pad + mask).
         topk: key regions routed to each query region, ``1 <= topk <= prod(regions)``
             (BiFormer: 1, 4, 16 and all regions in its four stages).
-        mask: bool key mask ``(B or 1, H or 1, *grid)``, ``True`` = key takes part.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid)`` or ``(B, H, *grid)`` (B, H may be 1).
         scale: token-attention score scale, ``1/sqrt(D)`` when None.
         return_weights: also return dense weights ``(B, H, N, N)`` over the flattened grid (reference path).
         return_routing: also return the routing ``(B, R, topk)`` (key region indices, row-major).
@@ -179,12 +176,14 @@ def routing_attention(
         ``out (B, H, *grid, Dv)``, followed by ``weights`` and / or ``routing`` when asked for.
 
     Raises:
-        TypeError: non-float inputs, mixed dtypes, non-bool mask, non-int ``regions`` / ``topk``.
-        ValueError: ranks or grids that do not match, ``regions`` outside ``[1, extent]``,
+        TypeError: non-float inputs, mixed dtypes, non-bool key mask, non-int ``regions`` / ``topk``, a pair
+            mask (``mask=``) or ``bias=``.
+        ValueError: ranks, grids or key-mask shapes that do not match, ``regions`` outside ``[1, extent]``,
             ``topk`` outside ``[1, number of regions]``.
 
     Shapes:
-        See :mod:`attnfuse.ops`; ``R = prod(regions)``.
+        See :mod:`attnfuse.ops`; ``R = prod(regions)``. Takes: key mask ``(B, *grid)`` / ``(B, H, *grid)``;
+        weights. No pair mask, no bias, no causal flag, no log-sum-exp.
 
     Example:
         >>> q = k = v = torch.randn(2, 4, 14, 14, 32)
@@ -203,9 +202,9 @@ def routing_attention(
         raise TypeError(f"topk must be an int, got {topk!r}")
     if not 1 <= topk <= n_regions:
         raise ValueError(f"topk must be in [1, number of regions = {n_regions}], got topk={topk}")
-    check_grid_mask(mask, (q.shape[0], q.shape[1], *grid))
+    mask = check_key_mask("routing", key_mask, q.shape[0], q.shape[1], grid, legend="*grid")  # (B', H', *grid)
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
-    impl = choose_backend("routing", backend, call)
+    impl = routing_attention.spec.choose_backend(backend, call)
     idx = route_regions(q, k, regions, topk, mask)  # (B, R, topk)
     out, weights = impl.fn(q, k, v, regions=regions, idx=idx, mask=mask, scale=scale, need_weights=return_weights)
     extra = ([weights] if return_weights else []) + ([idx] if return_routing else [])

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfuse.ops._checks import check_mask, check_qkv
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask, check_mask, check_qkv, key_mask_to_pairs
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Backend, Call
 
 __all__ = ["silu_kernel_attention", "silu_kernel_weights"]
 
@@ -64,15 +64,13 @@ def _reference(q, k, v, *, mask, drop_ratio, need_weights):
     return out.to(dtype), (w.to(dtype) if need_weights else None)
 
 
-BACKENDS["silu_kernel"] = (Backend("reference", _reference, weights=True),)
-
-
-@register_operator("silu_kernel")
+@operator("silu_kernel", backends=(Backend("reference", _reference, weights=True),))
 def silu_kernel_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
+    key_mask: Tensor | None = None,
     mask: Tensor | None = None,
     drop_ratio: float = 0.0,
     return_weights: bool = False,
@@ -88,7 +86,8 @@ def silu_kernel_attention(
         q: queries ``(B, H, L, D)``.
         k: keys ``(B, H, S, D)``.
         v: values ``(B, H, S, Dv)``.
-        mask: bool, ``True`` = key takes part, broadcastable to ``(B, H, L, S)``.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, S)`` or ``(B, H, S)`` (B, H may be 1).
+        mask: bool pair mask, ``True`` = query ``i`` may use key ``j``, broadcastable to ``(B, H, L, S)``.
         drop_ratio: ``gamma`` in ``[0, 1)`` (ADEM-VL uses 0.1); 0 keeps every valid key.
         return_weights: also return the weights ``A * M`` ``(B, H, L, S)``.
         backend: ``"auto"`` or ``"reference"``.
@@ -97,11 +96,13 @@ def silu_kernel_attention(
         ``out (B, H, L, Dv)`` or ``(out, weights)``.
 
     Raises:
-        TypeError: non-float inputs, mixed dtypes, non-bool ``mask``.
+        TypeError: non-float inputs, mixed dtypes, non-bool masks.
         ValueError: wrong ranks or sizes, ``drop_ratio`` outside ``[0, 1)``, unknown ``backend``.
 
     Shapes:
-        See :mod:`attnfuse.ops` (B, H, L, S, D, Dv).
+        See :mod:`attnfuse.ops` (B, H, L, S, D, Dv). Takes: key mask ``(B, S)`` / ``(B, H, S)``; pair
+        mask broadcastable to ``(B, H, L, S)``; weights. No bias, no causal flag, no log-sum-exp
+        (there is no softmax).
 
     Example:
         >>> q, k, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8)
@@ -111,9 +112,10 @@ def silu_kernel_attention(
     """
     check_qkv(q, k, v)
     check_mask(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    mask = key_mask_to_pairs(mask, check_key_mask("silu_kernel", key_mask, q.shape[0], q.shape[1], (k.shape[2],)))
     if not isinstance(drop_ratio, (int, float)) or not 0.0 <= drop_ratio < 1.0:
         raise ValueError(f"drop_ratio must be a number in [0, 1), got {drop_ratio!r}")
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
-    impl = choose_backend("silu_kernel", backend, call)
+    impl = silu_kernel_attention.spec.choose_backend(backend, call)
     out, weights = impl.fn(q, k, v, mask=mask, drop_ratio=float(drop_ratio), need_weights=return_weights)
     return (out, weights) if return_weights else out

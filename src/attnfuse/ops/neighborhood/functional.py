@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from attnfuse.ops._checks import check_qkv
-from attnfuse.ops._registry import register_operator
-from attnfuse.ops.backends import BACKENDS, Call, choose_backend
+from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._registry import operator
+from attnfuse.ops.backends import Call
 from attnfuse.ops.dense import dense_attention
 from attnfuse.ops.merge import merge_attention
 from attnfuse.ops.neighborhood._backend import NABackend, NACall
@@ -60,7 +60,7 @@ def _flex_unavailable() -> str | None:
 _CUDA = frozenset({"cuda"})
 
 #: fastest first; "auto" skips natten and flex on CPU (flex compiles per shape and is slower there).
-BACKENDS["neighborhood"] = (
+_BACKENDS = (
     NABackend(
         "natten", _natten, dtypes=_FLOATS, lse=True, masks=False, score_bias=False, rpb=False, extra="native",
         grad_devices=_CUDA, auto_devices=_CUDA, unavailable=natten_unavailable,
@@ -74,24 +74,12 @@ BACKENDS["neighborhood"] = (
 )
 
 
-def _normalize_mask(mask: Tensor | None, b: int, h: int, grid: tuple[int, ...]) -> Tensor | None:
-    """Key mask -> ``(Bm, Hm, N)`` bool with ``Bm`` in ``{1, B}``, ``Hm`` in ``{1, H}``."""
-    if mask is None:
+def _normalize_mask(key_mask: Tensor | None, b: int, h: int, grid: tuple[int, ...]) -> Tensor | None:
+    """Key mask ``(B, *grid)`` / ``(B, H, *grid)`` -> ``(Bm, Hm, N)`` bool with ``Bm`` in ``{1, B}``, ``Hm`` in ``{1, H}``."""
+    km = check_key_mask("neighborhood", key_mask, b, h, grid, legend="*grid")  # (Bm, Hm, *grid)
+    if km is None:
         return None
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = key takes part), got {got}")
-    rank = len(grid)
-    expected = f"(B, *grid) = {(b, *grid)} or (B, H, *grid) = {(b, h, *grid)}, any dim may be 1"
-    if mask.dim() == rank + 1:
-        mask = mask.unsqueeze(1)  # (B, 1, *grid)
-    elif mask.dim() != rank + 2:
-        raise ValueError(f"mask must be {expected}; got mask.shape={tuple(mask.shape)}")
-    for have, want in zip(mask.shape, (b, h, *grid)):
-        if have not in (1, want):
-            raise ValueError(f"mask must be {expected}; got mask.shape={tuple(mask.shape)}")
-    bm, hm = mask.shape[:2]
-    return mask.expand(bm, hm, *grid).reshape(bm, hm, math.prod(grid))
+    return km.reshape(km.shape[0], km.shape[1], math.prod(grid))
 
 
 def _normalize_bias(bias: Tensor | None, b: int, h: int, geom: Geometry) -> Tensor | None:
@@ -100,7 +88,7 @@ def _normalize_bias(bias: Tensor | None, b: int, h: int, geom: Geometry) -> Tens
         return None
     if not isinstance(bias, Tensor) or not bias.is_floating_point():
         got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
-        raise TypeError(f"bias must be a floating-point tensor, got {got}; for a key mask pass mask=")
+        raise TypeError(f"bias must be a floating-point tensor, got {got}; for a key mask pass key_mask=")
     target = (b, h, *geom.grid, geom.window_size)
     bad = bias.dim() > len(target) or any(have not in (1, want) for have, want in zip(reversed(bias.shape), reversed(target)))
     if bad:
@@ -142,7 +130,7 @@ def _check_extra(extra_k: Tensor | None, extra_v: Tensor | None, q: Tensor, v: T
         raise TypeError(f"extra_k / extra_v must match q's dtype {q.dtype} and device {q.device}")
 
 
-@register_operator("neighborhood", layout="grid", cross=False)
+@operator("neighborhood", layout="grid", cross=False, backends=_BACKENDS)
 def neighborhood_attention(
     q: Tensor,
     k: Tensor,
@@ -151,7 +139,7 @@ def neighborhood_attention(
     *,
     dilation: int | tuple[int, ...] = 1,
     is_causal: bool | tuple[bool, ...] = False,
-    mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
     bias: Tensor | None = None,
     rpb: Tensor | None = None,
     extra_k: Tensor | None = None,
@@ -177,9 +165,9 @@ def neighborhood_attention(
         kernel_size: odd window size, one int or one per axis.
         dilation: distance between window keys, one int or one per axis.
         is_causal: causal flag, one bool or one per axis.
-        mask: bool key validity, ``True`` = key takes part: ``(B, *grid)`` or ``(B, H, *grid)``,
-            any dim may be 1 (``nn.Attention`` passes ``(B, 1, *grid)``). A query whose window
-            keys (and extra keys) are all masked returns 0.
+        key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid)`` or ``(B, H, *grid)``
+            (B, H may be 1; ``nn.Attention`` passes ``(B, *grid)``). It applies to the grid keys, not
+            to ``extra_k``. A query whose window keys (and extra keys) are all masked returns 0.
         bias: additive score bias per window slot, broadcastable to ``(B, H, *grid, K)`` with
             ``K = prod(kernel_size)`` (slots row-major over axes); receives gradients.
         rpb: relative-position bias table ``(H, 2k_0 - 1, ...)``, added to the score of key
@@ -199,8 +187,8 @@ def neighborhood_attention(
         ``out (B, H, *grid, Dv)``; or ``(out, weights)``, ``(out, lse)``, ``(out, weights, lse)``.
 
     Raises:
-        TypeError: non-float or mixed-dtype inputs, non-bool ``mask``, non-float ``bias``/``rpb``,
-            wrongly typed ``kernel_size``/``dilation``/``is_causal``.
+        TypeError: non-float or mixed-dtype inputs, non-bool ``key_mask``, non-float ``bias``/``rpb``,
+            wrongly typed ``kernel_size``/``dilation``/``is_causal``, a pair mask (``mask=``).
         ValueError: a rank other than 4, 5 or 6; ``k``/``v`` on another grid; even kernel sizes;
             ``kernel_size`` or ``kernel_size * dilation`` larger than the grid; per-axis tuples of
             the wrong length; ``rpb`` with ``is_causal`` or of the wrong shape; masks, biases or
@@ -208,7 +196,9 @@ def neighborhood_attention(
 
     Shapes:
         See :mod:`attnfuse.ops` (B, H, D, Dv); ``*grid`` = ``(L,)``, ``(X, Y)`` or ``(X, Y, Z)``,
-        ``N = prod(grid)``, ``K = prod(kernel_size)``, ``S`` extra keys.
+        ``N = prod(grid)``, ``K = prod(kernel_size)``, ``S`` extra keys. Takes: key mask ``(B, *grid)`` /
+        ``(B, H, *grid)``; bias per window slot ``(B, H, *grid, K)`` (and ``rpb``); ``is_causal`` (per
+        axis, an option); weights; log-sum-exp. No pair mask.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 9, 9, 16)
@@ -217,7 +207,7 @@ def neighborhood_attention(
 
         Equivalent dense formulation (``allowed[i, j]``: key ``j`` in the window of query ``i``)::
 
-            dense_attention(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2), mask=allowed)
+            dense_attention(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2), mask=allowed, key_mask=key_mask.flatten(-len(grid)))
     """
     if not isinstance(q, Tensor) or q.dim() not in (4, 5, 6):
         got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
@@ -230,7 +220,7 @@ def neighborhood_attention(
         )
     b, h = q.shape[:2]
     geom = make_geometry(q.shape[2:-1], kernel_size, dilation, is_causal)
-    mask_n = _normalize_mask(mask, b, h, geom.grid)
+    mask_n = _normalize_mask(key_mask, b, h, geom.grid)
     bias_n = _normalize_bias(bias, b, h, geom)
     _check_rpb(rpb, h, geom)
     _check_extra(extra_k, extra_v, q, v)
@@ -238,7 +228,7 @@ def neighborhood_attention(
 
     base = Call.of(q, k, v, rpb, extra_k, extra_v, mask=mask_n, bias=bias_n, need_weights=return_weights, need_lse=return_lse)
     call = NACall.make(base, has_rpb=rpb is not None, has_extra=extra_k is not None, rank=geom.rank)
-    impl = choose_backend("neighborhood", backend, call)
+    impl = neighborhood_attention.spec.choose_backend(backend, call)
     merge = extra_k is not None and impl.extra == "merge"
     out, weights, lse = impl.fn(
         q, k, v, geom, scale=scale, mask=mask_n, bias=bias_n, rpb=rpb,
