@@ -29,17 +29,3 @@ def test_help_lists_lightning_subcommands(capsys):
         main(["--help"])
     assert "fit, validate, test, predict" in capsys.readouterr().out
 
-
-def test_bench_outside_the_repository_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_benchmarks(name, *args, **kwargs):
-        if name.startswith("benchmarks"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_benchmarks)
-    assert main(["bench", "--quick"]) == 2
-    assert "repository root" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Real catalog data (needs the package registry once; see conftest.py). Run: ATTNFUSE_TEST_REGISTRY=1 pytest tests/data."""
+"""Real catalog data: fetched once from the package registry into the cache (see tests/conftest.py); skipped with the reason offline."""
 
 from __future__ import annotations
 

@@ -101,14 +101,44 @@ def _seeds(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError:
-        raise FileNotFoundError(
-            "the benchmarks live in the attnfuse repository (benchmarks/): run `attnfuse bench` (or `make bench`) "
-            "from the repository root"
-        ) from None
-    return bench_main(args.bench_args)
+    """Run the repository's speed benchmarks, ``python -m benchmarks.run ARGS``, as a subprocess; its exit status.
+
+    ``benchmarks/`` is repository code that the installed package never imports. The checkout is
+    ``--repo PATH`` when given (anywhere in ``args.bench_args``), else the current folder or its nearest
+    parent holding ``benchmarks/run.py``. The runner starts with this Python, in the checkout's root.
+
+    Raises:
+        FileNotFoundError: no checkout found (or ``--repo`` names none); the message says what to do.
+    """
+    import os
+    import subprocess
+    from pathlib import Path
+
+    runner = Path("benchmarks", "run.py")
+    rest, repo, it = [], None, iter(args.bench_args)
+    for arg in it:
+        if arg == "--repo" or arg.startswith("--repo="):
+            repo = arg.partition("=")[2] if "=" in arg else next(it, "")
+            if not repo:
+                raise FileNotFoundError("--repo needs the path of an attnfuse repository checkout")
+        else:
+            rest.append(arg)
+    if repo is not None:
+        root = Path(repo).expanduser().resolve()
+        if not (root / runner).is_file():
+            raise FileNotFoundError(f"--repo {repo}: no {runner} there; pass the root of an attnfuse repository checkout")
+    else:
+        cwd = Path.cwd()
+        root = next((d for d in (cwd, *cwd.parents) if (d / runner).is_file()), None)
+        if root is None:
+            raise FileNotFoundError(
+                f"no attnfuse repository checkout (a folder with {runner}) at or above {cwd}: the speed benchmarks are "
+                "not installed with the package; run `attnfuse bench` inside a clone of the repository, or pass --repo PATH"
+            )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    code = subprocess.run([sys.executable, "-m", "benchmarks.run", *rest], cwd=root, env=env, check=False).returncode
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -197,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for small models)")
     p.add_argument("--out", default=None, help="folder for seeds.md")
     p.set_defaults(fn=_seeds)
-    p = sub.add_parser("bench", help="operator speed benchmarks (from the repository root); e.g. bench --quick --only dense")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks.run")
+    p = sub.add_parser("bench", help="operator speed benchmarks: runs the repository's `python -m benchmarks.run` inside "
+                       "a checkout (or --repo PATH); e.g. bench --quick --only dense")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="[--repo PATH] and the arguments of python -m benchmarks.run")
     p.set_defaults(fn=_bench)
     p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
     p.add_argument("--steps", type=int, default=300)

@@ -1,13 +1,12 @@
 """Survival on GSE7390 breast cancer: genes × clinical co-attention with weighted Cox vs Cox PH.
 
-Run: ``python -m benchmarks.quality_survival`` (a few minutes on one CPU core; prints the tables and
-rewrites the section "Survival: genes × clinical co-attention with weighted Cox" of
-``docs/results.md``; ``--no-docs`` only prints). Issue 6, experiment 2; spec
-``shared/papers/biofusionnet.md`` ("Experiment").
+Run: ``python -m experiments.survival_gse7390.run`` from the repository root (a few minutes on one CPU
+core; prints the tables and rewrites the section "Results" of ``experiments/survival_gse7390/README.md``;
+``--no-docs`` only prints). Issue 6, experiment 2; spec ``shared/papers/biofusionnet.md`` ("Experiment").
 
 Data: scikit-survival's bundled ``load_breast_cancer`` (GSE7390: 198 patients, 51 events, 76 gene
-probes; clinical age, size, ER, grade). scikit-survival is GPL-3.0: it is imported here, in a
-benchmark, never from ``src/``. Needs the ``dev`` extra (scikit-survival, lifelines).
+probes; clinical age, size, ER, grade). scikit-survival is GPL-3.0: it is imported here, in an
+experiment, never from ``src/``. Needs the ``dev`` extra (scikit-survival, lifelines).
 
 Protocol (per seed): 5-fold cross-validation stratified by the event indicator. On each training
 fold the numeric columns are standardised (train-fold statistics) and then:
@@ -46,6 +45,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,11 +57,12 @@ from attnfuse.encoders import CategoricalEncoder, NumericEncoder
 from attnfuse.fusion import CoAttention, TokenSet
 from attnfuse.heads import mean_pool
 from attnfuse.losses import class_balance_weights, concordance_index, cox_partial_likelihood
-from benchmarks._quality import fmt_mean_std, markdown_table, mean_std, write_doc_section
+from experiments._shared import RESULTS_SECTION, fmt_mean_std, markdown_table, mean_std, write_doc_section
 
 __all__ = ["CoAttentionSurvival", "SurvivalConfig", "format_report", "load_gse7390", "main", "run_experiment", "stratified_folds"]
 
-SECTION = "Survival: genes × clinical co-attention with weighted Cox"
+README = Path(__file__).resolve().parent / "README.md"
+COMMAND = "python -m experiments.survival_gse7390.run"
 GRADES = ("well differentiated", "intermediate", "poorly differentiated")  # "unkown" (sic, 2 patients) -> missing
 READING = """Reading it (the default run above; the numbers reproduce exactly with the command on this machine):
 
@@ -102,7 +103,7 @@ class SurvivalConfig:
 
 def load_gse7390() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """``(X (198, 80) DataFrame, time (198,) float, event (198,) bool)`` from scikit-survival."""
-    from sksurv.datasets import load_breast_cancer  # GPL-3.0: benchmarks / tests only
+    from sksurv.datasets import load_breast_cancer  # GPL-3.0: experiments / tests only
 
     x, y = load_breast_cancer()
     return x, np.asarray(y["t.tdm"], dtype=np.float64), np.asarray(y["e.tdm"], dtype=bool)
@@ -159,7 +160,7 @@ class CoAttentionSurvival(nn.Module):
         self.genes = NumericEncoder(num_genes, dim, tokens="feature")
         self.clin_num = NumericEncoder(2, dim, tokens="feature")
         self.clin_cat = CategoricalEncoder([2, len(GRADES)], dim, tokens="feature")
-        self.fusion = CoAttention("genes", "clinical", dim, heads=heads, merge="tokens", residual=True, dropout=dropout)
+        self.fusion = CoAttention(["genes", "clinical"], dim, heads=heads, merge="tokens", residual=True, dropout=dropout)
         self.norm = nn.LayerNorm(2 * dim)
         self.drop = nn.Dropout(dropout)
         self.risk = nn.Linear(2 * dim, 1, bias=False)
@@ -307,7 +308,7 @@ def format_report(results: dict[str, list[dict]], cfg: SurvivalConfig, command: 
         f"Command: `{command}` ({seconds:.0f} s on the shared 2-core CPU machine, torch single-threaded; "
         f"torch {torch.__version__}). Issue 6, experiment 2. Data: GSE7390 via scikit-survival's "
         "`load_breast_cancer` (198 patients, 51 events, 76 gene probes + age, size, ER, grade; GPL-3.0 package, "
-        "used only in this benchmark).",
+        "used only in this experiment).",
         "",
         f"{cfg.folds}-fold cross-validation stratified by event, repeated with seeds {seeds} (different fold "
         f"assignments); Harrell's C-index on each held-out fold, mean ± sample std over all {n_folds} test folds. "
@@ -337,30 +338,30 @@ def format_report(results: dict[str, list[dict]], cfg: SurvivalConfig, command: 
         "(age, size numeric; ER, grade categorical, grade \"unkown\" = the encoder's missing code), "
         f"`CoAttention(merge=\"tokens\", residual=True)`, width {cfg.dim}, {cfg.heads} heads, dropout {cfg.dropout:g}; "
         "each stream mean-pooled, concatenated, LayerNorm, bias-free linear risk. Concat-MLP: the \"both\" design matrix "
-        f"→ {cfg.hidden} → ReLU → dropout → bias-free linear risk. Source: `benchmarks/quality_survival.py`.",
+        f"→ {cfg.hidden} → ReLU → dropout → bias-free linear risk. Source: `experiments/survival_gse7390/run.py`.",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_survival", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the section in docs/results.md")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the Results section of the README")
     parser.add_argument("--json", default=None, help="also write the raw per-fold results to this JSON file")
     args = parser.parse_args(argv)
     cfg = SurvivalConfig(seeds=tuple(args.seeds))
-    command = "python -m benchmarks.quality_survival"
+    command = COMMAND
     if list(args.seeds) != list(SurvivalConfig().seeds):
         command += " --seeds " + " ".join(map(str, args.seeds))
     t0 = time.perf_counter()
     results = run_experiment(cfg)
     seconds = time.perf_counter() - t0
-    report = format_report(results, cfg, command, seconds, default_run=command == "python -m benchmarks.quality_survival")
-    print(f"\n## {SECTION}\n\n{report}")
+    report = format_report(results, cfg, command, seconds, default_run=command == COMMAND)
+    print(f"\n## {RESULTS_SECTION}\n\n{report}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "results": results}, f, indent=1)
     if not args.no_docs:
-        print(f"\nwrote section {SECTION!r} of {write_doc_section(SECTION, report)}")
+        print(f"\nwrote section {RESULTS_SECTION!r} of {write_doc_section(RESULTS_SECTION, report, README)}")
     return 0
 
 

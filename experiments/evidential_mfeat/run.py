@@ -1,8 +1,8 @@
 """Evidential (Dempster–Shafer) fusion on mfeat with one view corrupted on half of the test set.
 
-Run: ``python -m benchmarks.quality_evidential_mfeat`` (one to two minutes on one CPU core; prints the
-tables and rewrites the section "Evidential fusion on mfeat" of ``docs/results.md``; ``--no-docs``
-only prints). Issue 6, experiment 1; spec ``shared/papers/mefn.md`` ("Experiment").
+Run: ``python -m experiments.evidential_mfeat.run`` from the repository root (one to two minutes on one
+CPU core; prints the tables and rewrites the section "Results" of ``experiments/evidential_mfeat/README.md``;
+``--no-docs`` only prints). Issue 6, experiment 1; spec ``shared/papers/mefn.md`` ("Experiment").
 
 Protocol (per seed):
 
@@ -10,7 +10,7 @@ Protocol (per seed):
    test_fraction=0.3, seed)`` → 1,400 train / 600 test; each view standardised with train statistics.
 2. **Evidential heads, TMC-style joint training.** One MLP per view (``F_v → 64 → 10``, ReLU,
    dropout 0.1), evidence ``softplus``, ``alpha_v = e_v + 1``; the six opinions are fused with
-   :class:`attnfuse.fusion.EvidentialFusion` (reduced Dempster rule) and the loss is
+   :class:`attnfuse.fusion.DempsterFusion` (reduced Dempster rule) and the loss is
    ``sum_v L(alpha_v) + L(alpha_fused)`` with ``L = attnfuse.losses.evidential_loss`` (expected CE +
    KL on the misleading evidence, weight ``min(1, epoch / 50)``), as in TMC / MEFN.
 3. **Baselines.** (a) six per-view MLPs of the same shape trained alone with cross-entropy, fused by
@@ -40,6 +40,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,13 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnfuse.data import load_mfeat, make_split
-from attnfuse.fusion import EvidentialFusion, TokenSet
+from attnfuse.fusion import DempsterFusion, TokenSet
 from attnfuse.losses import evidential_loss, kl_annealing_coefficient
-from benchmarks._quality import auroc, fmt_mean_std, markdown_table, write_doc_section
+from experiments._shared import RESULTS_SECTION, auroc, fmt_mean_std, markdown_table, write_doc_section
 
 __all__ = ["METHODS", "READING", "SETTINGS", "EvidentialConfig", "format_report", "format_table", "main", "run_experiment", "run_seed"]
 
-SECTION = "Evidential fusion on mfeat"
+README = Path(__file__).resolve().parent / "README.md"
+COMMAND = "python -m experiments.evidential_mfeat.run"
 METHODS = {
     "dempster": "Dempster fusion of evidential heads (u = K/S)",
     "dempster_maxp": "Dempster fusion of evidential heads (1 − max α/S)",
@@ -98,7 +100,7 @@ class PerViewHeads(nn.Module):
         return {v: head(x[v]) for v, head in self.heads.items()}
 
 
-def _fuse(fusion: EvidentialFusion, raw: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+def _fuse(fusion: DempsterFusion, raw: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Fused alpha ``(B, K)``, per-view alpha ``{v: (B, K)}`` and fused ``u`` ``(B,)``."""
     out = fusion({v: TokenSet(r[:, None, :]) for v, r in raw.items()}, return_weights=True)  # one token per sample
     per_view = {v: ts.x[:, 0] for v, ts in out.per_source.items()}
@@ -158,7 +160,7 @@ def run_seed(cfg: EvidentialConfig, seed: int) -> dict:
     x_tr, y_tr, x_te, y_te, k = _load(cfg, seed)
     views = list(x_tr)
     dims = {v: t.shape[1] for v, t in x_tr.items()}
-    fusion = EvidentialFusion(views, num_classes=k)
+    fusion = DempsterFusion(views, num_classes=k)
 
     def evidential_objective(model, xb, yb, kl):
         alpha_f, per_view, _ = _fuse(fusion, model(xb))
@@ -291,9 +293,9 @@ def format_report(settings: list[tuple[str, list[dict]]], cfg: EvidentialConfig,
         f"F_v → {cfg.hidden} → 10 and a concat-MLP ΣF_v → {cfg.concat_hidden} → 10, ReLU, dropout {cfg.dropout:g}. "
         "Evidential heads are trained jointly, TMC-style: Σ_v L(α_v) + L(α_fused), L = expected CE + λ_t KL(Dir(α̃) ‖ Dir(1)), "
         f"λ_t = min(1, epoch / {cfg.anneal_epochs}), fused by the reduced Dempster rule "
-        "(`attnfuse.fusion.EvidentialFusion`). \"Mean of the evidential heads' probabilities\" uses the same heads "
+        "(`attnfuse.fusion.DempsterFusion`). \"Mean of the evidential heads' probabilities\" uses the same heads "
         "as the Dempster row (expected probabilities α_v / S_v, averaged); the softmax average uses separately "
-        "CE-trained per-view MLPs of the same shape. Source: `benchmarks/quality_evidential_mfeat.py`.",
+        "CE-trained per-view MLPs of the same shape. Source: `experiments/evidential_mfeat/run.py`.",
     ]
     return "\n".join(parts)
 
@@ -328,15 +330,15 @@ SETTINGS: dict[str, tuple[str, ...] | None] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_evidential_mfeat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--noise-std", type=float, default=3.0)
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the section in docs/results.md")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the Results section of the README")
     parser.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
     args = parser.parse_args(argv)
     defaults = EvidentialConfig()
-    command = "python -m benchmarks.quality_evidential_mfeat"
+    command = COMMAND
     if list(args.seeds) != list(defaults.seeds):
         command += " --seeds " + " ".join(map(str, args.seeds))
     if args.epochs != defaults.epochs:
@@ -351,13 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((title, results))
         raw[title] = {"config": asdict(cfg), "results": results}
     seconds = time.perf_counter() - t0
-    report = format_report(settings, cfg, command, seconds, default_run=command == "python -m benchmarks.quality_evidential_mfeat")
-    print(f"## {SECTION}\n\n{report}")
+    report = format_report(settings, cfg, command, seconds, default_run=command == COMMAND)
+    print(f"## {RESULTS_SECTION}\n\n{report}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
     if not args.no_docs:
-        print(f"\nwrote section {SECTION!r} of {write_doc_section(SECTION, report)}")
+        print(f"\nwrote section {RESULTS_SECTION!r} of {write_doc_section(RESULTS_SECTION, report, README)}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""See README.md; run with ``python -m experiments.womens_clothing.run`` from the repository root."""
