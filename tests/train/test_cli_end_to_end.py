@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from attnfuse.cli import main
 
@@ -128,3 +129,32 @@ def test_ddp_on_cpu_with_two_processes(table_config):
                       "--trainer.accelerator", "cpu", cwd=table_config.tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(pd.read_csv(out)["row"]) == list(range(21))
+
+
+def test_print_config_output_reruns_to_the_same_metrics(table_config, capsys):
+    cfg = table_config(trainer__max_epochs=1)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--print_config"])
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"]["fusion"]["class_path"].endswith("EarlyFusion")
+    assert {"heads", "depth", "modality_dropout", "op"} <= set(resolved["model"]["fusion"]["init_args"])
+    assert resolved["model"]["task"] is None and resolved["patience"] == 10
+    again = table_config.tmp / "printed.yaml"
+    again.write_text(printed)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    assert main(["fit", "--config", str(again)]) == 0
+    a, b = (_metrics(r) for r in _version_dirs(table_config.tmp))
+    for key in ("val_loss", "test_acc"):
+        pd.testing.assert_series_equal(a[key].dropna().reset_index(drop=True), b[key].dropna().reset_index(drop=True))
+
+
+def test_tensorboard_flag_logs_or_says_what_to_install(table_config, capsys):
+    import importlib.util
+
+    cfg = table_config(trainer__max_epochs=1)
+    code = main(["fit", "--config", str(cfg), "--tensorboard", "true"])
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        assert code == 0 and any((table_config.tmp / "runs" / "tensorboard").rglob("events.out.tfevents*"))
+    else:
+        assert code == 2 and "pip install tensorboard" in capsys.readouterr().err
