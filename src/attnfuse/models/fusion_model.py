@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from attnfuse.encoders import create_encoder, encode_inputs
+from attnfuse.encoders import create_encoder, encode_inputs, get_encoder, list_encoders
 from attnfuse.fusion import FusionOutput, get_fusion
 from attnfuse.tokens import TokenSet
 
@@ -194,6 +194,7 @@ def build_fusion_model(
     """
     factory = resolve_fusion(fusion)
     extra = {k: dict(v) for k, v in (encoder_options or {}).items()}
+    _check_encoder_options(extra)
     encoders = {}
     for name, cfg in encoder_configs.items():
         cfg = dict(cfg)
@@ -223,6 +224,20 @@ def build_fusion_model(
         )
     width = int(getattr(fusion_module, "out_dim", dim))
     return FusionModel(encoders, fusion_module, make_head(width, pooling))
+
+
+def _check_encoder_options(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Encoder options are keyed by input kind and must be keyword options of that kind's encoder."""
+    for kind, opts in options.items():
+        try:
+            cls = get_encoder(kind)
+        except KeyError:
+            raise ValueError(f"encoder_options key {kind!r} is not an input kind; kinds: {list_encoders()}") from None
+        params = inspect.signature(cls).parameters
+        allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in ("device", "dtype"))
+        unknown = sorted(set(opts) - set(allowed))
+        if unknown:
+            raise ValueError(f"encoder_options[{kind!r}] has unknown option(s) {unknown}; the {cls.__name__} takes {allowed}")
 
 
 class FusedReadout(nn.Module):
