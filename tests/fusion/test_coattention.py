@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attnfuse.fusion import FUSIONS, CoAttention, TensorFusion, TokenSet
+from attnfuse.ops.configs import Dense
 
 D = 16
 
@@ -151,7 +152,7 @@ def test_fully_masked_inputs_finite_gradients_and_errors():
 
 def test_bio_fusion_net_unscaled_bias_free_co_attention_options():
     co = CoAttention(["img", "gene"], D, heads=1, scale=1.0, qkv_bias=False, pre_norm=False, merge="tokens")
-    assert co.cross_a.to_q.bias is None and co.cross_a.op_kwargs == {"scale": 1.0}
+    assert co.cross_a.to_q.bias is None and co.cross_a.op == Dense(scale=1.0)
     # single key: the output does not depend on the query (BioFusionNet's batch-of-one pitfall, regression test)
     g = torch.Generator().manual_seed(0)
     gene = TokenSet(torch.randn(2, 1, D, generator=g))

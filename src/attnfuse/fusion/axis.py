@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.nn import Attention, Encoder
+from attnfuse.ops import OpConfig, op_config
 from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["AxisAttention", "LayerAttention", "sinusoidal_table"]
@@ -73,7 +74,11 @@ class AxisAttention(nn.Module):
         block: ``"transformer"`` or ``"attention"``.
         scale: score scale (None: ``1/sqrt(head_dim)``).
         final_norm: LayerNorm after the blocks (``block="transformer"``).
-        mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
+        mlp_ratio, dropout: as :class:`attnfuse.nn.TransformerBlock`.
+        op: the attention operator: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")`` or
+            ``Neighborhood(kernel_size=7)``; in YAML ``op: {class_path: Halo, init_args: {block_size: 4,
+            halo_size: 2}}``. With ``scale`` given, the config's ``scale`` field is replaced.
         device, dtype: for the parameters.
 
     Raises:
@@ -108,8 +113,7 @@ class AxisAttention(nn.Module):
         final_norm: bool = True,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -121,18 +125,17 @@ class AxisAttention(nn.Module):
         if block == "attention" and depth != 1:
             raise ValueError(f"block='attention' is a single attention layer, got depth={depth}")
         dd = {"device": device, "dtype": dtype}
-        opts = dict(op_options or {})
         if scale is not None:
-            opts["scale"] = scale
+            op = op_config(op, scale=scale)
         self.axis, self.block, self.out_dim = axis, block, dim
         self.embed = SourceEmbedding(sources, dim, type_embedding=None, **dd)
         if block == "transformer":
             self.encoder = Encoder(dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
-                                   op_options=opts, final_norm=final_norm, **dd)
+                                   final_norm=final_norm, **dd)
             self.attn = None
         else:
             self.encoder = None
-            self.attn = Attention(dim, heads, op=op, dropout=dropout, **dd, **opts)
+            self.attn = Attention(dim, heads, op=op, dropout=dropout, **dd)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -232,7 +235,11 @@ class LayerAttention(nn.Module):
         node_depth: node-wise transformer blocks (0: ``Z = H``).
         readout: ``"mean"`` or None.
         eps: the guard on ``|sum_l c_l|``.
-        mlp_ratio, dropout, op, op_options: of the node-wise blocks.
+        mlp_ratio, dropout: of the node-wise blocks.
+        op: the attention operator of the node-wise blocks: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")`` or
+            ``Neighborhood(kernel_size=7)``; in YAML ``op: {class_path: Halo, init_args: {block_size: 4,
+            halo_size: 2}}``.
         device, dtype: for the parameters.
 
     Raises:
@@ -276,8 +283,7 @@ class LayerAttention(nn.Module):
         eps: float = 1e-6,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -317,8 +323,7 @@ class LayerAttention(nn.Module):
             self.pe = None
         self.to_q = nn.Linear(dim, dim, **dd)
         self.to_k = nn.Linear(dim, dim, **dd)
-        self.encoder = Encoder(dim, depth=node_depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
-                               op_options=op_options, **dd)
+        self.encoder = Encoder(dim, depth=node_depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op, **dd)
 
     @property
     def sources(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, PreparedSource, SourceEmbedding, concat_sources, role_names
 from attnfuse.nn import Attention
+from attnfuse.ops import OpConfig, op_config
 from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["CoAttention"]
@@ -68,7 +69,10 @@ class CoAttention(nn.Module):
         residual: add the query tokens to each cross-attention output.
         ffn_hidden, ffn_out: widths of the ``"concat_ffn"`` FFNs (default ``D // 8`` and ``D // 2``).
         dropout: attention-output dropout.
-        op, op_options: attention operator and its options (e.g. ``{"backend": "reference"}``).
+        op: the attention operator of both cross-attentions: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")``; it must take
+            cross-attention (``dense``, ``silu_kernel``, ``axial``). In YAML
+            ``op: {class_path: Dense, init_args: {backend: reference}}``. With ``scale`` given, the config's ``scale`` field is replaced.
         modality_dropout: as :class:`attnfuse.fusion.SourceEmbedding`.
         device, dtype: for the parameters.
 
@@ -113,8 +117,7 @@ class CoAttention(nn.Module):
         ffn_hidden: int | None = None,
         ffn_out: int | None = None,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         modality_dropout: float = 0.0,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -139,13 +142,12 @@ class CoAttention(nn.Module):
         if merge != "tokens" and len(b_names) > 1:
             raise ValueError(f"merge={merge!r} pairs token i of a with token i of b and needs a single b source, "
                              f"got b={list(b_names)}; use merge='tokens'")
-        opts = dict(op_options or {})
         if scale is not None:
-            opts["scale"] = scale
+            op = op_config(op, scale=scale)
         self.a, self.b, self.merge, self.residual = a, tuple(sorted(b_names)), merge, residual
 
         def attention() -> Attention:
-            return Attention(dim, heads, op=op, head_dim=head_dim, qkv_bias=qkv_bias, dropout=dropout, **dd, **opts)
+            return Attention(dim, heads, op=op, head_dim=head_dim, qkv_bias=qkv_bias, dropout=dropout, **dd)
 
         def norm() -> nn.Module:
             return nn.LayerNorm(dim, **dd) if pre_norm else nn.Identity()

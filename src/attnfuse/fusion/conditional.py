@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources, role_names
 from attnfuse.nn import MLP, Attention
+from attnfuse.ops import OpConfig
 from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["ConditionalCrossAttention"]
@@ -53,7 +54,11 @@ class ConditionalCrossAttention(nn.Module):
         heads: attention heads (must divide ``dim``).
         query_positions: ``"all"`` or ``"cls_only"``.
         cls_index: index of the CLS token in the (flattened, concatenated) context.
-        mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
+        mlp_ratio, dropout: as :class:`attnfuse.nn.TransformerBlock`.
+        op: the attention operator of the cross-attention: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")``; it must take
+            cross-attention (``dense``, ``silu_kernel``, ``axial``). In YAML
+            ``op: {class_path: Dense, init_args: {backend: reference}}``.
         device, dtype: for the parameters.
 
     Raises:
@@ -91,8 +96,7 @@ class ConditionalCrossAttention(nn.Module):
         cls_index: int = 0,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -132,7 +136,7 @@ class ConditionalCrossAttention(nn.Module):
         if self.table is not None:
             nn.init.normal_(self.table.weight, std=0.02)
         self.norm_context = nn.LayerNorm(dim, **dd)
-        self.cross = Attention(dim, heads, op=op, dropout=dropout, **dd, **dict(op_options or {}))
+        self.cross = Attention(dim, heads, op=op, dropout=dropout, **dd)
         self.norm_mlp = nn.LayerNorm(dim, **dd)
         self.mlp = MLP(dim, hidden=int(dim * mlp_ratio), dropout=dropout, **dd)
 

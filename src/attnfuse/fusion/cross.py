@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, role_names
 from attnfuse.nn import TransformerBlock
+from attnfuse.ops import OpConfig
 from attnfuse.tokens import TokenSet
 
 __all__ = ["CrossAttentionFusion"]
@@ -41,7 +42,11 @@ class CrossAttentionFusion(nn.Module):
         depth: number of stacked layers.
         decoder: add query self-attention in each layer (a transformer decoder layer).
         num_fusion_tokens: always-present learned query tokens placed first.
-        mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
+        mlp_ratio, dropout: as :class:`attnfuse.nn.TransformerBlock`.
+        op: the attention operator of every block: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")``; it must take
+            cross-attention (``dense``, ``silu_kernel``, ``axial``). In YAML
+            ``op: {class_path: Dense, init_args: {backend: reference}}``.
         type_embedding, missing_token, modality_dropout: as :class:`attnfuse.fusion.SourceEmbedding`.
         device, dtype: for the parameters.
 
@@ -80,8 +85,7 @@ class CrossAttentionFusion(nn.Module):
         num_fusion_tokens: int = 1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         type_embedding: Literal["learned", "zeros"] | None = "learned",
         missing_token: bool = False,
         modality_dropout: float = 0.0,
@@ -116,7 +120,7 @@ class CrossAttentionFusion(nn.Module):
                                      modality_dropout=modality_dropout, **dd)
         self.fusion_tokens = nn.Parameter(torch.randn(num_fusion_tokens, dim, **dd) * 0.02)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op, op_options=op_options,
+            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
                              self_attention=decoder, cross_attention=True, **dd)
             for _ in range(depth)
         )

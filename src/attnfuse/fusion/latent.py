@@ -16,6 +16,7 @@ from torch import nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources
 from attnfuse.nn import Encoder, TransformerBlock
+from attnfuse.ops import OpConfig
 from attnfuse.tokens import TokenSet
 
 __all__ = ["DEFAULT_NUM_LATENTS", "LatentBottleneck"]
@@ -42,7 +43,11 @@ class LatentBottleneck(nn.Module):
         latent_ratio: fraction of the expected input token count.
         num_tokens: expected total number of input tokens (for ``latent_ratio``).
         depth: self-attention blocks over the latents after the cross-attention.
-        mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
+        mlp_ratio, dropout: as :class:`attnfuse.nn.TransformerBlock`.
+        op: the attention operator of every block: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")``; it must take
+            cross-attention (``dense``, ``silu_kernel``, ``axial``). In YAML
+            ``op: {class_path: Dense, init_args: {backend: reference}}``.
         type_embedding, missing_token, modality_dropout: as :class:`attnfuse.fusion.SourceEmbedding`.
         device, dtype: for the parameters.
 
@@ -71,8 +76,7 @@ class LatentBottleneck(nn.Module):
         depth: int = 1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         type_embedding: Literal["learned", "zeros"] | None = "learned",
         missing_token: bool = False,
         modality_dropout: float = 0.0,
@@ -93,7 +97,7 @@ class LatentBottleneck(nn.Module):
             raise ValueError(f"num_latents must be >= 1, got {num_latents}")
         dd = {"device": device, "dtype": dtype}
         self.out_dim = dim
-        block = {"mlp_ratio": mlp_ratio, "dropout": dropout, "op": op, "op_options": op_options}
+        block = {"mlp_ratio": mlp_ratio, "dropout": dropout, "op": op}
         self.embed = SourceEmbedding(sources, dim, type_embedding=type_embedding, missing_token=missing_token,
                                      modality_dropout=modality_dropout, **dd)
         self.latents = nn.Parameter(torch.randn(num_latents, dim, **dd) * 0.02)

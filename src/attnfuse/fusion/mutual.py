@@ -193,7 +193,7 @@ class MutualAttention(nn.Module):
     def _position(self, r: int, own, other, message_ok: Tensor, return_weights: bool):
         role, other_role = "ab"[r], "ab"[1 - r]
         if self.form == "affinity_swap":
-            key_ok = (own.mask & other.mask)[:, None, None, :]  # (B, 1, 1, N)
+            key_ok = own.mask & other.mask  # (B, N): keys valid in both maps
             q = self.to_q[other_role](other.x)  # (B, N, C/r): the other map's affinity ...
             k = self.to_k[other_role](other.x)
             v = self.to_v[role](own.x)  # ... propagates this map's values
@@ -201,8 +201,8 @@ class MutualAttention(nn.Module):
             q = self.to_q[role](own.x)  # this map queries the other one
             k = self.to_k[other_role](other.x)
             v = self.to_v[other_role](other.x)
-            key_ok = other.mask[:, None, None, :]  # (B, 1, 1, N_other)
-        res = dense_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask=key_ok, scale=self.scale,
+            key_ok = other.mask  # (B, N_other)
+        res = dense_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), key_mask=key_ok, scale=self.scale,
                               return_weights=return_weights)  # (B, 1, N, C)
         out, w = res if return_weights else (res, None)
         return out.squeeze(1) * message_ok, w

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding, concat_sources, role_names
-from attnfuse.ops import get_operator
+from attnfuse.ops import OpConfig, op_config
 from attnfuse.tokens import TokenSet, zero_invalid
 
 __all__ = ["ParameterFreeCrossAttention", "multiscale_bank"]
@@ -89,17 +89,20 @@ class ParameterFreeCrossAttention(nn.Module):
         query: the query source (default ``sources[0]``, the first name as given; e.g. ``"text"``).
         context: the context source name(s) (default: every other source; e.g. ``"visual"``, a
             :func:`multiscale_bank`).
-        drop_ratio: ``gamma`` in ``[0, 1)`` (ADEM-VL: 0.1).
+        drop_ratio: ``gamma`` in ``[0, 1)`` (ADEM-VL: 0.1); it sets the ``drop_ratio`` field of an
+            operator that has one (``SiluKernel``), replacing the config's value.
         heads: channel groups (must divide ``dim``).
-        op: attention operator: ``"silu_kernel"`` (the method) or e.g. ``"dense"`` (the softmax
-            ablation; ``drop_ratio`` must then be 0).
-        op_options: further operator options (e.g. ``{"backend": "reference"}``).
+        op: the attention operator: a registered name or a typed config (:class:`attnfuse.ops.OpConfig`):
+            ``"silu_kernel"`` / ``SiluKernel(backend="reference")`` (the method) or e.g. ``"dense"`` /
+            ``Dense(backend="reference")`` (the softmax ablation; ``drop_ratio`` must then be 0). In YAML
+            ``op: {class_path: Dense, init_args: {backend: reference}}``.
         device, dtype: accepted for the fusion protocol (there are no parameters).
 
     Raises:
         ValueError: fewer than two sources, the query among the context, a source in neither role,
-            ``heads`` not dividing ``dim``, ``drop_ratio`` with an operator that does not take it; at
-            call time, offsets that do not broadcast.
+            ``heads`` not dividing ``dim``, ``drop_ratio`` with an operator that does not take it, an
+            operator without cross-attention; at call time, offsets that do not broadcast.
+        KeyError: unknown operator name.
 
     Shapes:
         inputs ``{query: (B, *axes_q, D), context_j: (B, *axes_j, D)}`` (flattened to ``L`` and
@@ -126,8 +129,7 @@ class ParameterFreeCrossAttention(nn.Module):
         context: str | Sequence[str] | None = None,
         drop_ratio: float = 0.1,
         heads: int = 1,
-        op: str = "silu_kernel",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "silu_kernel",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -149,14 +151,15 @@ class ParameterFreeCrossAttention(nn.Module):
             raise ValueError(f"sources {unused} take no part: add them to context= or leave them out of sources")
         if heads < 1 or dim % heads:
             raise ValueError(f"heads must be >= 1 and divide dim, got {heads=}, {dim=}")
-        self.spec = get_operator(op)
-        options = dict(op_options or {})
-        if drop_ratio:
-            if "drop_ratio" not in self.spec.options:
-                raise ValueError(f"operator {op!r} takes no drop_ratio; use op='silu_kernel' or drop_ratio=0")
-            options["drop_ratio"] = drop_ratio
-        self.spec.check_options(options)
-        self.options = options
+        config = op_config(op)
+        if "drop_ratio" in config.spec.options:
+            config = op_config(config, drop_ratio=drop_ratio)
+        elif drop_ratio:
+            raise ValueError(f"operator {config.name!r} takes no drop_ratio; use op='silu_kernel' or drop_ratio=0")
+        if not config.spec.cross:
+            raise ValueError(f"operator {config.name!r} has no cross-attention (keys from other tokens than the queries); "
+                             "use 'silu_kernel' or 'dense'")
+        self.op = config
         self.query, self.context, self.heads, self.out_dim = query, tuple(sorted(contexts)), heads, dim
 
     @property
@@ -197,11 +200,10 @@ class ParameterFreeCrossAttention(nn.Module):
                         raise ValueError(f"{name} must broadcast to {tuple(keys.shape)} (B, S, D), got {tuple(off.shape)}") from None
             keys = keys if key_offset is None else keys + key_offset
             values = values if value_offset is None else values + value_offset
-            mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         else:  # no context: one fully masked key gives exactly zero
             keys = values = q.x.new_zeros(b, 1, dim)
-            mask = torch.zeros(b, 1, 1, 1, dtype=torch.bool, device=q.x.device)
-        res = self.spec.fn(split(q.x), split(keys), split(values), mask=mask, return_weights=return_weights, **self.options)
+            key_mask = torch.zeros(b, 1, dtype=torch.bool, device=q.x.device)  # (B, S=1)
+        res = self.op(split(q.x), split(keys), split(values), key_mask=key_mask, return_weights=return_weights)
         out, w = res if return_weights else (res, None)
         out = out.transpose(1, 2).reshape(b, lq, dim)  # (B, L, D)
         out = zero_invalid(out, q.mask)

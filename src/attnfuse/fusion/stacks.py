@@ -22,6 +22,7 @@ from torch import nn
 from attnfuse.fusion._registry import register_fusion
 from attnfuse.fusion.sources import FusionOutput, SourceEmbedding
 from attnfuse.nn import Encoder
+from attnfuse.ops import OpConfig
 from attnfuse.tokens import TokenSet
 
 __all__ = ["EarlyFusion", "HierarchicalFusion", "LateFusion"]
@@ -38,7 +39,11 @@ class HierarchicalFusion(nn.Module):
         per_source_depth: blocks applied to each source alone (separate weights per source).
         cross_depth: blocks applied to the concatenation of all sources and the fusion tokens.
         num_fusion_tokens: always-present learned tokens placed first in the fused sequence.
-        mlp_ratio, dropout, op, op_options: as :class:`attnfuse.nn.TransformerBlock`.
+        mlp_ratio, dropout: as :class:`attnfuse.nn.TransformerBlock`.
+        op: the attention operator of every block: a registered name (``"dense"``) or a typed config
+            (:class:`attnfuse.ops.OpConfig`) such as ``Dense(backend="reference")`` or
+            ``Neighborhood(kernel_size=7)``; in YAML ``op: {class_path: Halo, init_args: {block_size: 4,
+            halo_size: 2}}``.
         type_embedding, missing_token, modality_dropout: as
             :class:`attnfuse.fusion.SourceEmbedding`.
         device, dtype: for the parameters.
@@ -69,8 +74,7 @@ class HierarchicalFusion(nn.Module):
         num_fusion_tokens: int = 1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        op: str = "dense",
-        op_options: Mapping | None = None,
+        op: str | OpConfig = "dense",
         type_embedding: Literal["learned", "zeros"] | None = "learned",
         missing_token: bool = False,
         modality_dropout: float = 0.0,
@@ -84,7 +88,7 @@ class HierarchicalFusion(nn.Module):
             raise ValueError(f"num_fusion_tokens must be >= 1 (samples with every source missing need an output), got {num_fusion_tokens}")
         dd = {"device": device, "dtype": dtype}
         self.out_dim = dim
-        block = {"heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "op": op, "op_options": op_options}
+        block = {"heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "op": op}
         self.embed = SourceEmbedding(sources, dim, type_embedding=type_embedding, missing_token=missing_token,
                                      modality_dropout=modality_dropout, **dd)
         self.fusion_tokens = nn.Parameter(torch.randn(num_fusion_tokens, dim, **dd) * 0.02)
@@ -142,13 +146,13 @@ class EarlyFusion(HierarchicalFusion):
     """
 
     def __init__(self, sources: Sequence[str], dim: int, *, heads: int = 4, depth: int = 2, num_fusion_tokens: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, op: str = "dense", op_options: Mapping | None = None,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, op: str | OpConfig = "dense",
                  type_embedding: Literal["learned", "zeros"] | None = "learned", missing_token: bool = False,
                  modality_dropout: float = 0.0, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(sources, dim, heads=heads, per_source_depth=0, cross_depth=depth,
                          num_fusion_tokens=num_fusion_tokens, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
-                         op_options=op_options, type_embedding=type_embedding, missing_token=missing_token,
+                         type_embedding=type_embedding, missing_token=missing_token,
                          modality_dropout=modality_dropout, device=device, dtype=dtype)
 
 
@@ -162,11 +166,11 @@ class LateFusion(HierarchicalFusion):
     """
 
     def __init__(self, sources: Sequence[str], dim: int, *, heads: int = 4, depth: int = 2, num_fusion_tokens: int = 1,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, op: str = "dense", op_options: Mapping | None = None,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, op: str | OpConfig = "dense",
                  type_embedding: Literal["learned", "zeros"] | None = "learned", missing_token: bool = False,
                  modality_dropout: float = 0.0, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(sources, dim, heads=heads, per_source_depth=depth, cross_depth=0,
                          num_fusion_tokens=num_fusion_tokens, mlp_ratio=mlp_ratio, dropout=dropout, op=op,
-                         op_options=op_options, type_embedding=type_embedding, missing_token=missing_token,
+                         type_embedding=type_embedding, missing_token=missing_token,
                          modality_dropout=modality_dropout, device=device, dtype=dtype)

@@ -51,8 +51,7 @@ class AttentionPool(nn.Module):
         k = self.key(x).reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
         v = x.reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
         q = self.query.to(x.dtype).expand(b, -1, -1, -1)  # (B, H, 1, Dh)
-        m = None if mask is None else mask.reshape(b, 1, 1, n)
-        out, w = dense_attention(q, k, v, mask=m, return_weights=True)  # (B, H, 1, Dh), (B, H, 1, N)
+        out, w = dense_attention(q, k, v, key_mask=mask, return_weights=True)  # key_mask (B, N) -> (B, H, 1, Dh), (B, H, 1, N)
         out = out.transpose(1, 2).reshape(b, d)  # (B, D)
         return (out, w.squeeze(2)) if return_weights else out
 
