@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from attnfuse import ops
 from attnfuse.fusion import EarlyFusion, TokenSet
 from attnfuse.nn import Attention
+from attnfuse.ops.configs import Axial
 
 F64 = torch.float64
 
@@ -109,7 +110,7 @@ def test_registered_and_used_by_modules():
     assert attn(x, mask=torch.rand(2, 6, 3) > 0.2).shape == x.shape
     assert attn(x, context=ctx, context_mask=torch.rand(2, 8, 3) > 0.2).shape == x.shape  # cross along time
     # on flattened fused tokens axis 0 is plain dense attention
-    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=1, op="axial", op_options={"axis": 0})
+    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=1, op=Axial(axis=0))
     dense = EarlyFusion(["a", "b"], 16, heads=2, depth=1)
     dense.load_state_dict(fusion.state_dict())
     inputs = {"a": TokenSet(torch.randn(2, 5, 16)), "b": TokenSet(torch.randn(2, 6, 16), torch.rand(2, 6) > 0.3)}

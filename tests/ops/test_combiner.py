@@ -13,6 +13,7 @@ from attnfuse import ops
 from attnfuse.fusion import EarlyFusion, TokenSet
 from attnfuse.nn import Attention
 from attnfuse.ops.combiner import combiner_regions
+from attnfuse.ops.configs import Combiner
 
 F64 = torch.float64
 MODES = ["fixed", "axial", "logsparse"]
@@ -253,7 +254,7 @@ def test_registered_and_used_by_modules():
     for causal in (False, True):
         y, w = attn(x, mask=mask, is_causal=causal, return_weights=True)
         assert y.shape == x.shape and w.shape == (2, 2, 10, 10)
-    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=2, op="combiner", op_options={"mode": "logsparse"})
+    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=2, op=Combiner(mode="logsparse"))
     out = fusion({"a": TokenSet(torch.randn(2, 5, 16)), "b": TokenSet(torch.randn(2, 3, 4, 16), axes=("x", "y"))})
     assert out.fused.x.shape == (2, 18, 16)
     out.fused.x.sum().backward()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from attnfuse import ops
 from attnfuse.fusion import EarlyFusion, TokenSet
 from attnfuse.nn import Attention
+from attnfuse.ops.configs import Halo
 from attnfuse.ops.halo import halo_key_sets, halo_windows
 
 F64 = torch.float64
@@ -208,7 +209,7 @@ def test_registered_and_used_by_modules():
     ref.load_state_dict(attn.state_dict())
     torch.testing.assert_close(y, ref(x, mask=mask), atol=1e-5, rtol=1e-4)
     # over flattened tokens (a 1-D grid) inside early fusion
-    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=1, op="halo", op_options={"block_size": 4, "halo_size": 2})
+    fusion = EarlyFusion(["a", "b"], 16, heads=2, depth=1, op=Halo(block_size=4, halo_size=2))
     out = fusion({"a": TokenSet(torch.randn(2, 5, 16)), "b": TokenSet(torch.randn(2, 6, 16))})
     assert out.fused.x.shape == (2, 12, 16)
     out.fused.x.sum().backward()
