@@ -156,3 +156,56 @@ def test_input_missing_in_every_training_row_is_a_schema_error():
     df["num_3"] = float("nan")
     with pytest.raises(SchemaError, match="num_3"):
         TablePreprocessor.fit(df, schema)
+
+
+# --- non-finite values are missing (issue 14) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e39, -3.5e38])
+def test_non_finite_or_float32_overflow_is_missing_like_nan(df, bad):
+    nan_df = df.assign(a=[1.0, np.nan, np.nan, 4.0, 5.0])
+    bad_df = df.assign(a=[1.0, bad, np.nan, 4.0, 5.0])
+    nan_pre, bad_pre = TablePreprocessor.fit(nan_df, _schema()), TablePreprocessor.fit(bad_df, _schema())
+    assert bad_pre.stats == nan_pre.stats  # excluded from the statistics exactly like NaN
+    nan_enc, bad_enc = nan_pre.transform(nan_df), bad_pre.transform(bad_df)
+    assert bad_enc.present["num"].tolist() == nan_enc.present["num"].tolist() == [True, False, False, False, True]
+    np.testing.assert_array_equal(bad_enc.values["num"], nan_enc.values["num"])
+    assert bad_enc.values["num"].dtype == np.float32 and np.isfinite(bad_enc.values["num"]).all()
+
+
+def test_non_finite_with_zero_policy_becomes_the_mean_and_stays_present(df):
+    bad_df = df.assign(a=[1.0, np.inf, 3.0, 4.0, 1e39])
+    enc = TablePreprocessor.fit(bad_df, _schema("zero")).transform(bad_df)
+    assert enc.present["num"].all() and enc.values["num"][1, 0] == enc.values["num"][4, 0] == 0.0
+    assert np.isfinite(enc.values["num"]).all()
+
+
+def test_only_non_finite_training_values_is_a_schema_error(df):
+    with pytest.raises(SchemaError, match=r"column\(s\) \['a'\] hold no finite value"):
+        TablePreprocessor.fit(df.assign(a=[np.inf, -np.inf, 1e39, np.nan, np.inf]), _schema())
+
+
+def test_predict_time_inf_is_absent_not_nan(df):
+    pre = TablePreprocessor.fit(df, _schema())
+    new = df.drop(columns=["y"]).assign(a=[np.inf, 2.0, 3.0, 1e300, 5.0], b=[1.0, 2.0, 3.0, 4.0, 5.0])
+    enc = pre.transform(new, require_target=False)
+    assert enc.present["num"].tolist() == [False, True, True, False, True] and np.isfinite(enc.values["num"]).all()
+
+
+def test_huge_value_over_a_tiny_std_is_missing_not_inf():
+    df = pd.DataFrame({"a": [0.0, 2e-6, 0.0, 2e-6], "b": [1.0, 2.0, 3.0, 4.0], "y": [0, 1, 0, 1]})
+    schema = TableSchema(inputs=[InputSpec("num", "numeric", ["a", "b"])], target="y")
+    pre = TablePreprocessor.fit(df, schema)  # a: std 1e-6
+    new = df.assign(a=[0.0, 3e38, 1e-6, -3e38])  # finite float32, but 3e38 / 1e-6 is not
+    enc = pre.transform(new)
+    assert enc.present["num"].tolist() == [True, False, True, False] and np.isfinite(enc.values["num"]).all()
+
+
+def test_image_and_array_inputs_treat_float32_overflow_as_missing():
+    df = pd.DataFrame({f"p{k}": [0.0, 1.0, 1e39, 2.0] for k in range(4)} | {"y": [0, 1, 0, 1]})
+    vec = np.array([[0.0, 1.0], [1e39, 0.0], [1.0, 2.0], [3.0, 4.0]])
+    schema = TableSchema(inputs=[InputSpec("img", "image", [f"p{k}" for k in range(4)], shape=(2, 2)),
+                                 InputSpec("vec", "vector")], target="y")
+    enc = TablePreprocessor.fit(df, schema, arrays={"vec": vec}).transform(df, arrays={"vec": vec})
+    assert enc.present["img"].tolist() == [True, True, False, True] and np.isfinite(enc.values["img"]).all()
+    assert enc.present["vec"].tolist() == [True, False, True, True] and np.isfinite(enc.values["vec"]).all()

@@ -162,3 +162,93 @@ def test_load_table(tmp_path, df):
         load_table(tmp_path / "t.xlsx")
     with pytest.raises(FileNotFoundError, match="table file not found"):
         load_table(tmp_path / "missing.csv")
+
+
+# --- bad files and bad values (issue 14) ---------------------------------------------------------
+
+
+def test_duplicate_header_names_in_csv_and_tsv_are_rejected_not_renamed(tmp_path):
+    (tmp_path / "t.csv").write_text("age,bmi,age,label\n1,2,3,x\n4,5,6,y\n")
+    with pytest.raises(SchemaError, match=r"t\.csv has duplicate column name\(s\) \['age'\]"):
+        load_table(tmp_path / "t.csv")
+    (tmp_path / "t.tsv").write_text("a\tb\tb\n1\t2\t3\n")
+    with pytest.raises(SchemaError, match=r"t\.tsv has duplicate column name\(s\) \['b'\]"):
+        load_table(tmp_path / "t.tsv")
+    (tmp_path / "ok.csv").write_text("NA,null,,\n1,2,3,4\n")  # names pandas would read as missing, empty names: not duplicates
+    assert load_table(tmp_path / "ok.csv").shape == (1, 4)
+
+
+def test_duplicate_column_names_in_parquet_are_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([pa.array([1, 2]), pa.array([3, 4])], names=["age", "age"]), tmp_path / "t.parquet")
+    with pytest.raises(SchemaError, match=r"t\.parquet has duplicate column name\(s\) \['age'\]"):
+        load_table(tmp_path / "t.parquet")
+
+
+def test_validate_rejects_duplicate_columns_of_a_dataframe(df):
+    dup = pd.concat([df, df[["age"]]], axis=1)
+    with pytest.raises(SchemaError, match=r"duplicate column name\(s\) \['age'\]"):
+        validate(dup, _schema())
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n"])
+def test_empty_file_names_the_file(tmp_path, content):
+    for name in ("t.csv", "t.tsv", "t.parquet"):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=f"table file {tmp_path / name}") as err:
+            load_table(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+def test_header_only_table_is_one_line_naming_the_file(tmp_path, df):
+    df.head(0).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(SchemaError, match=r"t\.csv has no data rows \(a header of 6 column\(s\) only\)") as err:
+        load_table(tmp_path / "t.csv")
+    assert "\n" not in str(err.value)
+    df.head(0).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(SchemaError, match=r"t\.parquet has no data rows"):
+        load_table(tmp_path / "t.parquet")
+
+
+def test_validate_empty_frame_reports_no_rows_without_dtype_complaints(df):
+    empty = df.head(0).astype(object)  # as pandas reads a header-only file
+    with pytest.raises(SchemaError) as err:
+        validate(empty, _schema(), require_target=False)
+    assert "the table has no rows" in str(err.value) and "dtype" not in str(err.value)
+
+
+def test_unparsable_file_names_the_file(tmp_path):
+    (tmp_path / "t.parquet").write_text("not a parquet file")
+    with pytest.raises(ValueError, match=r"cannot read table file .*t\.parquet"):
+        load_table(tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text('a,b\n1,"2\n')  # unterminated quote
+    with pytest.raises(ValueError, match=r"cannot read table file .*t\.csv"):
+        load_table(tmp_path / "t.csv")
+
+
+def test_nan_policy_error_rejects_inf_and_float32_overflow(df):
+    df = df.assign(age=[30.0, np.inf, 41.0, 25.0], bmi=[22.0, 27.5, 1e39, 19.9])
+    with pytest.raises(SchemaError, match=r"nan_policy='error' but 2 row\(s\) \(positions 1, 2\)"):
+        validate(df, _schema(InputSpec("vitals", "numeric", ["age", "bmi"], nan_policy="error")))
+
+
+def test_non_finite_regression_target_is_rejected(df):
+    schema = _schema(target="score", task="regression")
+    with pytest.raises(SchemaError, match=r"target column 'score' has non-finite values \(inf\) in 1 row\(s\) \(positions 2\)"):
+        validate(df.assign(score=[0.1, 0.5, np.inf, 0.2]), schema)
+    with pytest.raises(SchemaError, match=r"target column 'score' has values beyond float32's range .* \(positions 1\)"):
+        validate(df.assign(score=[0.1, -1e39, 0.7, 0.2]), schema)
+
+
+def test_complex_and_timedelta_columns_are_not_numeric(df):
+    bad = df.assign(age=df["age"].astype(complex), bmi=pd.to_timedelta(df["bmi"], unit="s"))
+    with pytest.raises(SchemaError) as err:
+        validate(bad, _schema())
+    assert "column 'age' has dtype complex128" in str(err.value) and "column 'bmi' has dtype timedelta64" in str(err.value)
+
+
+def test_unknown_input_key_suggests_the_close_one():
+    with pytest.raises(SchemaError, match=r"'column': did you mean 'columns'\?"):
+        TableSchema.from_dict({"target": "y", "inputs": {"a": {"kind": "numeric", "column": ["x"]}}})

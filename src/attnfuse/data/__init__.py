@@ -16,7 +16,7 @@ See ``docs/data.md``.
 """
 
 from attnfuse.data.catalog import DATASETS as CATALOG
-from attnfuse.data.catalog import DatasetEntry, DatasetUnavailableError, Member, fetch, is_cached
+from attnfuse.data.catalog import CacheDirError, DatasetEntry, DatasetUnavailableError, Member, fetch, is_cached
 from attnfuse.data.collate import TableDataset, collate_fn, pad_sequences
 from attnfuse.data.datasets import MultiViewData, load_mfeat, load_nutrimouse, load_womens_clothing, womens_clothing_schema
 from attnfuse.data.preprocess import EncodedTable, TablePreprocessor, embed_text_inputs, text_values
@@ -40,6 +40,7 @@ __all__ = [
     "CATALOG",
     "DATASETS",
     "TASKS",
+    "CacheDirError",
     "DatasetEntry",
     "DatasetSpec",
     "DatasetUnavailableError",

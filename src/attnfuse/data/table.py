@@ -29,6 +29,10 @@ text                      all of its cells are null or blank (present cells are 
 ``nan_policy="zero"`` keeps the input present and fills nulls (0.0, code 0, empty text);
 ``nan_policy="error"`` makes :func:`validate` reject any null in the group.
 
+In numeric, vector and image inputs a value that is not a finite float32 (``inf``, ``-inf``, or
+beyond ``±3.4e38`` such as ``1e39``) counts as missing, exactly like NaN: the model computes in
+float32, where such a value is ``inf`` and turns every weight into NaN within one step.
+
 An ``image`` input reads its pixels from its columns in row-major order: with ``shape=(C, H, W)``
 column ``c*H*W + i*W + j`` is channel ``c``, row ``i`` (top to bottom), column ``j`` (left to
 right); ``shape=(H, W)`` means one channel and is stored as ``(1, H, W)``. Its values may instead
@@ -38,6 +42,7 @@ come from ``arrays=`` as ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel).
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,12 +55,15 @@ import pandas as pd
 
 from attnfuse.data.targets import TASKS, check_target, target_columns
 
-__all__ = ["ARRAY_KINDS", "KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema", "load_table", "validate"]
+__all__ = ["ARRAY_KINDS", "FLOAT32_MAX", "KINDS", "NAN_POLICIES", "TASKS", "InputSpec", "SchemaError", "TableSchema",
+           "load_table", "numeric_block", "validate"]
 
 KINDS = ("numeric", "categorical", "text", "vector", "image")
 #: kinds whose values may come from precomputed ``arrays=`` instead of columns.
 ARRAY_KINDS = ("vector", "text", "image")
 NAN_POLICIES = ("missing", "error", "zero")
+#: The largest float32. A numeric input value beyond it (or non-finite) is missing, like NaN.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SchemaError(ValueError):
@@ -245,11 +253,14 @@ class TableSchema:
         raw = data["inputs"]
         items = [{"name": k, **dict(v)} for k, v in raw.items()] if isinstance(raw, Mapping) else [dict(v) for v in raw]
         inputs = []
+        input_keys = ["name", "kind", "columns", "nan_policy", "shape"]
         for item in items:
-            extra = sorted(set(item) - {"name", "kind", "columns", "nan_policy", "shape"})
+            extra = sorted(set(item) - set(input_keys), key=str)
             if extra or "kind" not in item:
+                close = {k: difflib.get_close_matches(str(k), input_keys, n=1) for k in extra}
+                hint = "".join(f"; {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
                 raise SchemaError(f"input {item.get('name')!r}: keys are name, kind, columns, nan_policy, shape (image); "
-                                  f"got {sorted(item)}")
+                                  f"got {sorted(item, key=str)}{hint}")
             inputs.append(InputSpec(**item))
         return cls(inputs=tuple(inputs), target=data.get("target"), task=data.get("task", "classification"),
                    time=data.get("time"), event=data.get("event"))
@@ -265,6 +276,19 @@ def _rows(mask: np.ndarray, limit: int = 5) -> str:
     idx = np.flatnonzero(mask)
     shown = ", ".join(str(i) for i in idx[:limit])
     return f"{len(idx)} row(s) (positions {shown}{', ...' if len(idx) > limit else ''})"
+
+
+def numeric_block(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """float64 ``(N, F)`` values of numeric ``columns``: NaN where a cell is null, NaN, ``±inf`` or beyond
+    float32's range (``|x| > FLOAT32_MAX``), i.e. wherever it is not a finite float32 (= missing)."""
+    block = frame[list(columns)].to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(np.abs(block) <= FLOAT32_MAX, block, np.nan)
+
+
+def _is_numeric(dtype: Any) -> bool:
+    """Booleans, integers and real floats (numpy or pandas nullable); not complex, timedelta, text."""
+    return bool(pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_float_dtype(dtype))
 
 
 def _is_text(s: pd.Series) -> bool:
@@ -296,10 +320,13 @@ def _check_input(df: pd.DataFrame, spec: InputSpec, array: Any, problems: list[s
         if got[1:] not in ok:
             want = " or ".join(f"(N, {', '.join(map(str, s))})" for s in ok)
             problems.append(f"{where}: arrays[{spec.name!r}] has shape {got}, expected {want}")
+    if not len(df):  # an empty column has no values to judge its dtype by (pandas reads it as object)
+        return
+    wrong_dtype = False
     for col in spec.columns:
         s = df[col]
-        numeric = pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
-        if spec.kind in ("numeric", "vector", "image") and not numeric:
+        if spec.kind in ("numeric", "vector", "image") and not _is_numeric(s.dtype):
+            wrong_dtype = True
             problems.append(
                 f"{where}: column {col!r} has dtype {s.dtype}, expected a numeric dtype "
                 "(convert with pd.to_numeric, or declare the input as categorical/text)"
@@ -311,8 +338,11 @@ def _check_input(df: pd.DataFrame, spec: InputSpec, array: Any, problems: list[s
         null = block.isna().to_numpy().any(axis=1)
         if spec.kind == "text":
             null |= block.apply(lambda c: c.map(lambda v: isinstance(v, str) and not v.strip())).to_numpy().any(axis=1)
+        elif spec.kind != "categorical" and not wrong_dtype:
+            null |= np.isnan(numeric_block(df, spec.columns)).any(axis=1)
         if null.any():
-            problems.append(f"{where}: nan_policy='error' but {_rows(null)} have missing values in {list(spec.columns)}")
+            problems.append(f"{where}: nan_policy='error' but {_rows(null)} have missing values (null, NaN, inf or beyond "
+                            f"float32) in {list(spec.columns)}")
 
 
 def validate(
@@ -325,11 +355,13 @@ def validate(
 ) -> set[str]:
     """Check that ``df`` matches ``schema``; raise one :class:`SchemaError` listing every problem.
 
-    Checks: every column exists (unknown ones are listed with the available columns and close
-    matches); numeric/vector/image columns are numeric; text columns hold strings; the target exists, has
-    no nulls and (regression) is numeric; a target column is not also an input; groups are not
-    empty; ``nan_policy="error"`` groups have no nulls; ``arrays`` belong to vector/text inputs and
-    have one row per table row (image arrays: the input's shape).
+    Checks: column names are unique; the table has rows; every column exists (unknown ones are
+    listed with the available columns and close matches); numeric/vector/image columns are
+    numeric (bool, int or float); text columns hold strings; the target exists, has no nulls and
+    (regression) is numeric and finite in float32; a target column is not also an input; groups
+    are not empty; ``nan_policy="error"`` groups have no nulls (numeric: no NaN, inf or value
+    beyond float32); ``arrays`` belong to vector/text inputs and have one row per table row
+    (image arrays: the input's shape).
 
     Args:
         df: the table.
@@ -345,7 +377,7 @@ def validate(
 
     Raises:
         TypeError: ``df`` is not a DataFrame or ``schema`` not a TableSchema.
-        SchemaError: the table does not match.
+        SchemaError: the table does not match (duplicate column names: raised alone, naming them).
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
@@ -354,6 +386,10 @@ def validate(
     arrays = dict(arrays or {})
     problems: list[str] = []
     available = list(df.columns)
+    duplicated = _duplicates(available)
+    if duplicated:  # df[name] would be a DataFrame, not a column: nothing below is well defined
+        raise SchemaError(f"the table has duplicate column name(s) {duplicated}; every column needs its own name "
+                          "(rename or drop the copies)")
     if len(df) == 0:
         problems.append("the table has no rows")
     unknown_arrays = sorted(set(arrays) - set(schema.names))
@@ -382,21 +418,68 @@ def validate(
     return absent
 
 
+def _duplicates(names: Sequence[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    dup: list[Any] = []
+    for n in names:
+        if n in seen and n not in dup:
+            dup.append(n)
+        seen.add(n)
+    return dup
+
+
+def _read_delimited(p: Path, sep: str) -> pd.DataFrame:
+    """Read a CSV / TSV, rejecting duplicate header names (pandas would rename the copies ``age.1``)."""
+    try:  # the header row as written: header=None keeps duplicates and "NA"-like names as they are
+        header = pd.read_csv(p, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+    except pd.errors.EmptyDataError:
+        raise SchemaError(f"table file {p} is empty ({p.stat().st_size} bytes): expected a header row of column names, "
+                          "then one row per sample") from None
+    duplicated = _duplicates([h for h in header if h != ""])
+    if duplicated:
+        raise SchemaError(f"table file {p} has duplicate column name(s) {duplicated} in its header; every column "
+                          "needs its own name (pandas would silently rename the copies 'name.1')")
+    return pd.read_csv(p, sep=sep)
+
+
+def _read_parquet(p: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    duplicated = _duplicates(pq.read_schema(p).names)
+    if duplicated:
+        raise SchemaError(f"table file {p} has duplicate column name(s) {duplicated}; every column needs its own name")
+    return pd.read_parquet(p)
+
+
 def load_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a ``.csv`` (also ``.csv.gz``, ``.tsv``) or ``.parquet`` (also ``.pq``, ``.parquet.<codec>``) table.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unsupported suffix.
+        SchemaError: an empty file, a header without data rows, or duplicate column names (each names the file).
+        ValueError: unsupported suffix, or a file the reader cannot parse (names the file and the reader's reason).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"table file not found: {p} (working directory {Path.cwd()})")
     name = p.name.lower()
     if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz")):
-        return pd.read_csv(p)
-    if name.endswith((".tsv", ".tsv.gz")):
-        return pd.read_csv(p, sep="\t")
-    if name.endswith((".parquet", ".pq")) or ".parquet." in name:
-        return pd.read_parquet(p)
-    raise ValueError(f"unsupported table format {p.name!r}: use .csv, .tsv or .parquet (optionally compressed)")
+        read = functools.partial(_read_delimited, p, ",")
+    elif name.endswith((".tsv", ".tsv.gz")):
+        read = functools.partial(_read_delimited, p, "\t")
+    elif name.endswith((".parquet", ".pq")) or ".parquet." in name:
+        read = functools.partial(_read_parquet, p)
+    else:
+        raise ValueError(f"unsupported table format {p.name!r}: use .csv, .tsv or .parquet (optionally compressed)")
+    if p.stat().st_size == 0:
+        raise SchemaError(f"table file {p} is empty (0 bytes): expected a header row of column names, then one row per sample")
+    try:
+        frame = read()
+    except SchemaError:
+        raise
+    except (ValueError, OSError) as err:  # pandas ParserError, pyarrow ArrowInvalid, bad compression or encoding ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot read table file {p}: {first}") from None
+    if len(frame) == 0:
+        raise SchemaError(f"table file {p} has no data rows (a header of {len(frame.columns)} column(s) only)")
+    return frame

@@ -27,6 +27,7 @@ __all__ = ["CLASS_TASKS", "TASKS", "check_target", "encode_target", "fit_classes
 TASKS = ("classification", "regression", "multilabel", "survival", "retrieval")
 #: tasks whose target is one column of labels
 CLASS_TASKS = ("classification", "retrieval")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def label_key(value: Any) -> str:
@@ -73,13 +74,18 @@ def check_target(df: pd.DataFrame, schema: Any, problems: list[str]) -> None:
             continue
         values = y.dropna().to_numpy(dtype=np.float64) if numeric else None
         if values is not None and not np.isfinite(values).all():
-            problems.append(f"target column {col!r} has non-finite values in {_rows(~np.isfinite(y.to_numpy(dtype=np.float64)))}")
+            inf = np.isinf(y.to_numpy(dtype=np.float64, na_value=np.nan))
+            problems.append(f"target column {col!r} has non-finite values (inf) in {_rows(inf)}; drop or fix those rows")
+        elif values is not None and schema.task not in CLASS_TASKS and (np.abs(values) > _FLOAT32_MAX).any():
+            big = np.abs(y.to_numpy(dtype=np.float64, na_value=0.0)) > _FLOAT32_MAX
+            problems.append(f"target column {col!r} has values beyond float32's range (|x| > {_FLOAT32_MAX:.4g}, they would "
+                            f"train as inf) in {_rows(big)}; rescale the column")
         elif schema.task == "multilabel" and values is not None and not np.isin(values, (0.0, 1.0)).all():
             problems.append(f"multilabel target column {col!r} must hold 0/1 (or booleans), got values {sorted(set(values))[:5]}")
         elif schema.task == "survival" and col == schema.event and values is not None and not np.isin(values, (0.0, 1.0)).all():
             problems.append(f"event column {col!r} must hold 0/1 (1 = event observed), got values {sorted(set(values))[:5]}")
         elif schema.task == "survival" and col == schema.time and values is not None and (values < 0).any():
-            problems.append(f"time column {col!r} has negative times in {_rows(y.to_numpy(dtype=np.float64) < 0)}")
+            problems.append(f"time column {col!r} has negative times in {_rows(y.to_numpy(dtype=np.float64, na_value=np.nan) < 0)}")
 
 
 def fit_classes(df: pd.DataFrame, schema: Any) -> list[Any] | None:

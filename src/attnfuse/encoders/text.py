@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attnfuse._cache import resolve_cache_dir
+from attnfuse._cache import cache_dir_error, resolve_cache_dir
 from attnfuse.encoders._registry import register_encoder
 from attnfuse.encoders.base import check_mask
 from attnfuse.encoders.vector import VectorEncoder
@@ -54,9 +54,14 @@ class EmbeddingCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, dim INTEGER NOT NULL, vec BLOB NOT NULL)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as con:
+                con.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, dim INTEGER NOT NULL, vec BLOB NOT NULL)")
+        except (OSError, sqlite3.OperationalError) as err:  # a read-only or missing cache folder: say which, how to move it
+            if not _unwritable(err):
+                raise
+            raise cache_dir_error(self.path.parent, err, what="text embeddings") from err
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -86,12 +91,22 @@ class EmbeddingCache:
     def put(self, items: dict[str, np.ndarray]) -> None:
         """Store ``{key: vector}`` (overwriting)."""
         rows = [(k, int(v.shape[0]), np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in items.items()]
-        with self._connect() as con:
-            con.executemany("INSERT OR REPLACE INTO emb (key, dim, vec) VALUES (?, ?, ?)", rows)
+        try:
+            with self._connect() as con:
+                con.executemany("INSERT OR REPLACE INTO emb (key, dim, vec) VALUES (?, ?, ?)", rows)
+        except sqlite3.OperationalError as err:
+            if not _unwritable(err):
+                raise
+            raise cache_dir_error(self.path.parent, err, what="text embeddings") from err
 
     def __len__(self) -> int:
         with self._connect() as con:
             return int(con.execute("SELECT COUNT(*) FROM emb").fetchone()[0])
+
+
+def _unwritable(err: BaseException) -> bool:
+    """An OS error, or SQLite failing to open / write its file (not e.g. a lock timeout)."""
+    return isinstance(err, OSError) or any(s in str(err) for s in ("readonly", "unable to open", "disk I/O"))
 
 
 def _cache_file(model_name: str, cache_dir: str | os.PathLike | None) -> Path:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from attnfuse.data import (
     EncodedTable,
     Source,
+    Split,
     TableDataset,
     TablePreprocessor,
     collate_fn,
@@ -61,6 +62,40 @@ def drop_inputs(encoded: EncodedTable, names: list[str] | tuple[str, ...]) -> En
         raise KeyError(f"cannot drop unknown input(s) {unknown}; inputs are {sorted(encoded.present)}")
     present = {k: (np.zeros_like(v) if k in names else v) for k, v in encoded.present.items()}
     return dataclasses.replace(encoded, present=present)
+
+
+def _min_rows(val_fraction: float, test_fraction: float) -> int:
+    """The fewest rows for which every part with a positive fraction gets at least one row."""
+    for n in range(1, 1_000_001):
+        val, test = round(n * val_fraction), round(n * test_fraction)
+        if n - val - test >= 1 and (val >= 1 or val_fraction <= 0) and (test >= 1 or test_fraction <= 0):
+            return n
+    return 1_000_001
+
+
+def _check_split_sizes(split: Split, strata: np.ndarray | None, *, val_fraction: float, test_fraction: float) -> None:
+    """Raise when the split leaves train empty, or val / test empty although its fraction is positive.
+
+    Raises:
+        ValueError: naming the rows, fractions, split sizes and the fewest rows that would do.
+    """
+    sizes = {part: len(split[part]) for part in ("train", "val", "test")}
+    fractions = {"val": val_fraction, "test": test_fraction}
+    empty = [p for p in ("train", "val", "test") if sizes[p] == 0 and fractions.get(p, 1.0) > 0]
+    if not empty:
+        return
+    need = f"at least {_min_rows(val_fraction, test_fraction)} rows"
+    if strata is not None:
+        counts = {str(k): int(c) for k, c in zip(*np.unique(np.asarray(strata).astype(str), return_counts=True))}
+        largest = max(counts, key=counts.get)
+        need += (f" in one class (the split is stratified, each class is cut separately: {len(counts)} class(es), the "
+                 f"largest, {largest!r}, has {counts[largest]} row(s))")
+    raise ValueError(
+        f"the table has {split.num_rows} rows, too few for the split: val_fraction={val_fraction} and "
+        f"test_fraction={test_fraction} give train {sizes['train']}, val {sizes['val']}, test {sizes['test']} rows "
+        f"(empty: {', '.join(empty)}). These fractions need {need}; use a larger table or "
+        "change data.val_fraction / data.test_fraction"
+    )
 
 
 class FusionDataModule(pl.LightningDataModule):
@@ -114,6 +149,9 @@ class FusionDataModule(pl.LightningDataModule):
         get_dataset(dataset)  # unknown names fail here, listing the registered ones
         if table is not None and dataset != "table":
             raise ValueError(f"data.table describes your own file (dataset: table); for dataset {dataset!r} use data.options")
+        if options and dataset == "table":
+            raise ValueError(f"dataset 'table' takes its settings from data.table: {{path, schema}}, not data.options "
+                             f"(got data.options {sorted(options)})")
         self.save_hyperparameters()
         self.source: Source | None = None
         self._given_source: Source | None = None
@@ -176,6 +214,7 @@ class FusionDataModule(pl.LightningDataModule):
             strata = frame[schema.event].to_numpy()
         self.split = make_split(len(frame), val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
                                 stratify=strata)
+        _check_split_sizes(self.split, strata, val_fraction=hp.val_fraction, test_fraction=hp.test_fraction)
         if self.preprocessor is None and hp.preprocessor:
             self._ensure_preprocessor()
         if self.preprocessor is None:

@@ -138,8 +138,21 @@ class FusionTask(pl.LightningModule):
         return pred, _extra(fused)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """The task's loss on one batch.
+
+        Raises:
+            ValueError: the loss is NaN or infinite (names the epoch, step and batch): the run stops
+                before this step's optimiser update and no further checkpoint is written.
+        """
         pred, extra = self._run(batch["inputs"])
         loss = self.task.loss(pred, batch["target"], epoch=self.current_epoch, extra=extra)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise ValueError(
+                f"training loss is {loss.detach().float().mean().item()} at epoch {self.current_epoch}, global step "
+                f"{self.global_step} (batch {batch_idx} of the epoch); training stopped. The data "
+                f"module gives finite inputs (inf counts as missing), so training diverged: lower model.lr "
+                f"(now {self.hparams.lr}), clip gradients (--trainer.gradient_clip_val 1.0) or check the target's scale"
+            )
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=pred.shape[0], sync_dist=True)
         return loss
 

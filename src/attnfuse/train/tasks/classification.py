@@ -79,7 +79,10 @@ class Classification(Task):
         super().bind(info)
         k = info.num_classes
         if k < 2:
-            raise ValueError(f"classification needs at least 2 classes in the target, got {info.classes}")
+            column = f"target column {info.target_names[0]!r}" if info.target_names else "the target"
+            found = f"every row has the value {info.classes[0]!r}" if info.classes else "it has no values"
+            raise ValueError(f"classification needs at least 2 classes in {column}, but {found}; "
+                             "check the target column (or the rows kept in the table)")
         weights = self.class_weights
         if weights == "balanced":
             counts = np.asarray(info.class_counts or [1] * k, dtype=np.float64)
