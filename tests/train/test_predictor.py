@@ -239,6 +239,7 @@ def test_errors(fitted, tmp_path):
         FusionPredictor.load(bundle)
     other = predictor.save(tmp_path / "other")  # weights of another shape
     torch.save({"model.head.weight": torch.zeros(1)}, other / WEIGHTS_FILE)
+    (other / f"{WEIGHTS_FILE}.sha256").unlink()  # as if written without a checksum (else: a checksum mismatch)
     with pytest.raises(ValueError, match="corrupt FusionPredictor bundle"):
         FusionPredictor.load(other)
     plain = copy.copy(predictor)

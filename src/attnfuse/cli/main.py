@@ -158,9 +158,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from attnfuse.data import DatasetUnavailableError, SchemaError
+    from attnfuse.train.checkpoints import CheckpointError  # a URL / missing / damaged / foreign checkpoint: one line
 
     return (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError, DatasetUnavailableError, SchemaError,
-            pickle.UnpicklingError, MisconfigurationException, yaml.YAMLError, CheckpointMismatchError)
+            pickle.UnpicklingError, MisconfigurationException, yaml.YAMLError, CheckpointMismatchError, CheckpointError)
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -6,6 +6,12 @@ Sub-modules are configured the LightningCLI way (``class_path`` / ``init_args``)
 names (``fusion: early``, ``task: survival``) are accepted and expanded to class paths first.
 Safe defaults: early stopping on the task's validation metric, the best checkpoint kept, and
 ``fit`` ends by testing the best checkpoint.
+
+Checkpoints and outputs: every checkpoint is saved atomically with a ``.sha256`` beside it and read back
+through :mod:`attnfuse.train.checkpoints` (no URLs, checksum verified, ``weights_only=True``). One run
+folder per ``fit`` (``split.json`` / ``preprocessor.json`` written into it once the logger created it);
+``validate`` / ``test`` / ``predict`` log nothing (no new ``version_N``) and print their metrics;
+``predict --output`` is written atomically and never replaces a file without ``--overwrite true``.
 """
 
 from __future__ import annotations
@@ -19,18 +25,28 @@ import pandas as pd
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from attnfuse.fusion import FUSIONS
+from attnfuse.train.checkpoints import (
+    SPECIAL_CKPT_PATHS,
+    CheckpointError,
+    atomic_path,
+    load_lightning_checkpoint,
+    use_checked_checkpoints,
+)
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.module import FusionTask
 from attnfuse.train.tasks import TASKS
 
 __all__ = [
-    "AttnfuseCLI", "PredictionWriter", "add_default_callbacks", "expand_short_names", "fit_summary", "make_cli",
-    "predictions_frame", "run_lightning",
+    "AttnfuseCLI", "PredictionWriter", "RunFiles", "add_default_callbacks", "check_output", "expand_short_names",
+    "fit_summary", "make_cli", "predictions_frame", "run_lightning",
 ]
+
+#: subcommands that read a checkpoint and do not train: no logger, no saved config, no new run folder
+EVALUATION_COMMANDS = ("validate", "test", "predict")
 
 #: config keys whose value may be a registered short name: key -> registry
 SHORT_NAMES: dict[str, Mapping[str, type]] = {"model.fusion": FUSIONS, "model.task": TASKS}
@@ -90,14 +106,17 @@ class PredictionWriter(BasePredictionWriter):
     Columns: ``row`` (position in the predicted table), the task's prediction columns (e.g.
     ``prediction`` with the original label values and ``prob_<label>`` in class order for
     classification, ``risk`` for survival, ``emb_<j>`` for retrieval), ``attention_<input>`` with
-    ``attention=True``.
+    ``attention=True``. The file is written to a temporary file beside it and renamed into place, so a
+    reader never sees half a table; an existing file is replaced only with ``overwrite=True``.
+
+    Raises:
+        ValueError: see :func:`check_output`.
     """
 
-    def __init__(self, path: str | Path, *, attention: bool = False) -> None:
+    def __init__(self, path: str | Path, *, attention: bool = False, overwrite: bool = False) -> None:
         super().__init__(write_interval="epoch")
-        self.path, self.attention = Path(path), attention
-        if self.path.suffix not in (".csv", ".parquet"):
-            raise ValueError(f"--output must end in .csv or .parquet, got {str(self.path)!r}")
+        self.path, self.attention, self.overwrite = Path(path), attention, overwrite
+        check_output(self.path, overwrite=overwrite)
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         table = predictions_frame(predictions)
@@ -108,12 +127,30 @@ class PredictionWriter(BasePredictionWriter):
             if not trainer.is_global_zero:
                 return
             table = pd.concat(shards, ignore_index=True).drop_duplicates("row").sort_values("row")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.suffix == ".csv":
-            table.to_csv(self.path, index=False)
-        else:
-            table.to_parquet(self.path, index=False)
+        check_output(self.path, overwrite=self.overwrite)  # again: the file may have appeared while predicting
+        with atomic_path(self.path) as tmp:
+            if self.path.suffix == ".csv":
+                table.to_csv(tmp, index=False)
+            else:
+                table.to_parquet(tmp, index=False)
         print(f"attnfuse predict: wrote {len(table)} rows to {self.path}")
+
+
+def check_output(path: str | Path, *, overwrite: bool = False) -> Path:
+    """``path`` as a prediction output: ``.csv`` / ``.parquet``, not a folder, not an existing file unless ``overwrite``.
+
+    Raises:
+        ValueError: another suffix, a folder, or an existing file without ``overwrite`` (naming the file and
+            ``--overwrite true``).
+    """
+    out = Path(path)
+    if out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--output must end in .csv or .parquet, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"--output {str(out)!r} is a folder; give a .csv or .parquet file")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--output {str(out)!r} exists; pass --overwrite true to replace it")
+    return out
 
 
 def predictions_frame(predictions: list[dict[str, Any]]) -> pd.DataFrame:
@@ -146,6 +183,8 @@ class AttnfuseCLI(LightningCLI):
                             help="predict: write predictions to this .csv or .parquet file")
         parser.add_argument("--attention", type=bool, default=False,
                             help="predict: add each input's share of the fusion token's attention")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="predict: replace an existing --output file (otherwise an error)")
         parser.add_argument("--patience", type=int, default=10,
                             help="fit: stop after this many validation checks without improvement of the task's "
                                  "metric (0 = never stop early)")
@@ -154,12 +193,42 @@ class AttnfuseCLI(LightningCLI):
         parser.add_argument("--tensorboard", type=bool, default=False,
                             help="also log to TensorBoard (needs `pip install tensorboard`)")
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first (no URL, an existing file, its checksum, readable with ``weights_only=True``),
+        then merge its hyperparameters into the config as LightningCLI does."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or str(ckpt_path) in SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
+            return  # special values are resolved by the trainer and read through CheckedCheckpointIO
+        try:
+            checkpoint = load_lightning_checkpoint(ckpt_path)
+        except CheckpointError as err:
+            raise CheckpointError(f"--ckpt_path: {err}") from None
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt = config.get("ckpt_path")
-        if self.subcommand in ("validate", "test", "predict") and not ckpt:
+        if self.subcommand in EVALUATION_COMMANDS and not ckpt:
             raise ValueError(f"{self.subcommand} needs --ckpt_path (a checkpoint written by `attnfuse fit`); "
                              "without it the model would be untrained")
+        if self.subcommand and "weights_only" in config:
+            if config.get("weights_only") is False:
+                raise ValueError("--weights_only false is not supported: attnfuse checkpoints hold tensors and plain "
+                                 "values only and are always read with weights_only=True")
+            config.weights_only = True
+        if self.subcommand == "predict" and config.get("output"):
+            check_output(config.output, overwrite=bool(config.get("overwrite")))
         # evaluate / predict with the preprocessing saved beside the checkpoint (never re-fitted), so a
         # moved or changed training table cannot silently change the inputs the model sees
         if self.subcommand in ("validate", "test", "predict") and not config.data.get("preprocessor"):
@@ -173,7 +242,12 @@ class AttnfuseCLI(LightningCLI):
         if trainer.enable_progress_bar is not False and not has_bar and _importable("rich"):
             callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace()))
             trainer.callbacks = callbacks
-        if config.get("tensorboard"):
+        if self.subcommand in EVALUATION_COMMANDS:
+            # evaluation and prediction do not train: no logger and no saved config, so no new version_N folder
+            # (metrics are printed; the run folder of the checkpoint is left as fit wrote it)
+            trainer.logger = False
+            self.save_config_callback = None
+        elif config.get("tensorboard"):
             if not (_importable("tensorboard") or _importable("tensorboardX")):
                 raise ValueError("--tensorboard true needs the tensorboard package: pip install tensorboard")
             loggers = trainer.logger if isinstance(trainer.logger, list) else ([trainer.logger] if trainer.logger not in
@@ -186,12 +260,16 @@ class AttnfuseCLI(LightningCLI):
                                      init_args=Namespace(save_dir=str(Path(root) / "tensorboard"))))
             trainer.logger = loggers
 
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_checked_checkpoints(trainer, keep_callback_states=self.subcommand not in EVALUATION_COMMANDS)
+        return trainer
+
     def before_fit(self) -> None:
         cfg = self.config[self.subcommand]
         own = any("ModelCheckpoint" in str(getattr(c, "class_path", c)) for c in (cfg.trainer.callbacks or []))
         add_default_callbacks(self.trainer, self.model, patience=int(cfg.get("patience", 10)), keep_checkpointing=own)
-        if self.trainer.is_global_zero:
-            self.datamodule.save_run(self.trainer.log_dir or self.trainer.default_root_dir)
+        self.trainer.callbacks.append(RunFiles())
 
     def after_fit(self) -> None:
         cfg = self.config[self.subcommand]
@@ -205,11 +283,41 @@ class AttnfuseCLI(LightningCLI):
         if self.trainer.is_global_zero:
             print(fit_summary(run_dir, best, metrics))
 
+    def after_validate(self) -> None:
+        self._print_metrics("val_")
+
+    def after_test(self) -> None:
+        self._print_metrics("test_")
+
+    def _print_metrics(self, prefix: str) -> None:
+        """``attnfuse test: CKPT: test_acc=..., ...``: evaluation logs no files, so its metrics are printed."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
+        if self.trainer.is_global_zero:
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            print(f"attnfuse {self.subcommand}: {ckpt}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
     def before_predict(self) -> None:
         cfg = self.config[self.subcommand]
         self.model.predict_attention = bool(cfg.get("attention"))
         if cfg.get("output"):
-            self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention"))))
+            self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention")),
+                                                           overwrite=bool(cfg.get("overwrite"))))
+
+
+class RunFiles(Callback):
+    """Write the run's ``split.json`` and ``preprocessor.json`` into the run folder (``trainer.log_dir``).
+
+    In ``setup`` of ``fit``: after the logger created the run folder (so the logger does not find a non-empty
+    folder and warn that it deletes previous logs), on rank 0.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank calls it
+        save_run = getattr(trainer.datamodule, "save_run", None)
+        if trainer.is_global_zero and save_run is not None:
+            save_run(run_dir)
 
 
 def add_default_callbacks(trainer, model: FusionTask, *, patience: int = 10, keep_checkpointing: bool = False) -> None:
@@ -218,8 +326,10 @@ def add_default_callbacks(trainer, model: FusionTask, *, patience: int = 10, kee
     Lightning's implicit ``ModelCheckpoint`` (last epoch only) is replaced by one that keeps the best
     epoch by ``model.monitor`` and the last one, unless ``keep_checkpointing`` (the user configured
     their own) or checkpointing is off. Early stopping is added unless ``patience`` is 0 or the user
-    configured an ``EarlyStopping``. Without validation batches neither is added.
+    configured an ``EarlyStopping``. Without validation batches neither is added. Checkpoints are saved and
+    read through :class:`~attnfuse.train.checkpoints.CheckedCheckpointIO` (atomic, ``.sha256``, ``weights_only``).
     """
+    use_checked_checkpoints(trainer)
     monitor, mode = model.monitor
     has_val = trainer.limit_val_batches != 0
     if trainer.checkpoint_callback is not None and has_val and not keep_checkpointing:

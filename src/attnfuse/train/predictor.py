@@ -53,6 +53,7 @@ from attnfuse.data import (
 )
 from attnfuse.fusion import get_fusion
 from attnfuse.models.fusion_model import FusionFactory, describe_factory, resolve_fusion
+from attnfuse.train.checkpoints import CheckpointError, atomic_path, load_checked, save_checked
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.lightning_cli import add_default_callbacks, fit_summary, predictions_frame
 from attnfuse.train.module import FusionTask, import_class_path
@@ -353,13 +354,22 @@ class FusionPredictor:
         return collate_fn([self._dataset(frame, labelled=False)[i] for i in range(len(frame))])["inputs"]
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the predictor to the folder ``path``: ``predictor.json`` (constructor arguments, fusion as
         ``{"class_path", "init_args"}``, task as ``task.describe()``, the data's encoder configs and target
-        description, metrics), ``preprocessor.json`` and ``model.pt`` (the module's state dict).
+        description, metrics), ``preprocessor.json``, ``model.pt`` (the module's state dict) and
+        ``model.pt.sha256`` (checked by :meth:`load`).
+
+        Each file is written to a temporary file beside it and renamed into place; ``predictor.json`` comes
+        last, so a folder holding it holds a complete bundle.
+
+        Args:
+            path: the bundle folder (created if needed).
+            overwrite: replace a bundle already saved there (otherwise an error).
 
         Raises:
             ValueError: a fusion factory that cannot be written as a class path with plain options.
+            FileExistsError: ``path`` already holds a saved predictor and ``overwrite`` is False.
         """
         module = self._fitted()
         fusion = describe_factory(self.fusion)
@@ -374,20 +384,33 @@ class FusionPredictor:
             "path": str(self.path), "run_dir": self.run_dir, "best_checkpoint": self.best_checkpoint, "epochs": self.epochs,
         }
         out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"cannot save a FusionPredictor to {str(out)!r}: it is a file, not a folder")
+        existing = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE) if (out / n).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{str(out)!r} already holds a saved FusionPredictor ({', '.join(existing)}); pass "
+                                  "overwrite=True to replace it")
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, indent=1, default=_json_default)
-        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, out / WEIGHTS_FILE)
-        self.preprocessor.save(out / PREPROCESSOR_FILE)
-        (out / CONFIG_FILE).write_text(text)
+        save_checked({k: v.detach().cpu() for k, v in module.state_dict().items()}, out / WEIGHTS_FILE)
+        with atomic_path(out / PREPROCESSOR_FILE) as tmp:
+            self.preprocessor.save(tmp)
+        with atomic_path(out / CONFIG_FILE) as tmp:
+            tmp.write_text(text)
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FusionPredictor:
-        """Read a predictor written by :meth:`save` (weights read with ``torch.load(weights_only=True)``).
+        """Read a predictor written by :meth:`save`.
+
+        The weights are checked against ``model.pt.sha256`` (a bundle without it loads with an
+        :class:`~attnfuse.train.checkpoints.UncheckedCheckpointWarning`) and read with
+        ``torch.load(weights_only=True)``.
 
         Raises:
             FileNotFoundError: no such folder, or a file of the bundle missing.
-            ValueError: a corrupt or foreign bundle (unreadable JSON / weights, weights that do not fit).
+            ValueError: a corrupt or foreign bundle (unreadable JSON / weights, weights that do not fit, weights
+                that do not match their checksum: a :class:`~attnfuse.train.checkpoints.CheckpointError`).
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -407,9 +430,12 @@ class FusionPredictor:
             raise ValueError(f"{str(folder)!r} was saved in FusionPredictor format version {config.get('version')}; "
                              f"this attnfuse reads version {_VERSION}")
         try:
-            state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for a damaged file (pickle, zip, runtime)
-            raise ValueError(f"corrupt FusionPredictor weights {str(folder / WEIGHTS_FILE)!r}: {err}") from None
+            state = load_checked(folder / WEIGHTS_FILE, what="FusionPredictor weights")
+        except CheckpointError as err:
+            raise CheckpointError(f"corrupt {err}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"corrupt FusionPredictor weights {str(folder / WEIGHTS_FILE)!r}: not a state dict "
+                                  f"of tensors ({type(state).__name__})")
         try:
             predictor = cls(pre.schema, task=config["task"], fusion=config["fusion"], path=config.get("path"),
                             **config["options"])
@@ -425,7 +451,7 @@ class FusionPredictor:
         return predictor
 
     def export(self, path: str | os.PathLike, example_df: pd.DataFrame | str | os.PathLike, *,
-               format: Literal["torch", "onnx"] = "torch") -> Path:
+               format: Literal["torch", "onnx"] = "torch", overwrite: bool = False) -> Path:
         """Export the whole trained model (encoders, fusion, head) for the batch tensors of :meth:`model_inputs`.
 
         ``format="torch"``: ``torch.export`` with a dynamic batch size, saved with ``torch.export.save``;
@@ -433,12 +459,16 @@ class FusionPredictor:
         output (logits, risks, embeddings ...; ``predictor.task.predict(output)`` turns it into the
         prediction columns). ``format="onnx"``: ``torch.onnx.export(..., dynamo=True)``.
 
+        The file is written to a temporary file beside it and renamed into place.
+
         Args:
             path: output file (``.pt2`` for torch, ``.onnx``).
             example_df: rows to trace with (at least 2; the batch size stays dynamic).
+            overwrite: replace an existing file at ``path`` (otherwise an error).
 
         Raises:
             ImportError: ONNX without the ``onnx`` / ``onnxscript`` packages.
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
         """
         module = self._fitted()
         if format not in ("torch", "onnx"):
@@ -452,12 +482,13 @@ class FusionPredictor:
         batch = torch.export.Dim.DYNAMIC
         shapes = ({name: {key: {0: batch} for key in tensors} for name, tensors in inputs.items()},)
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with _matmul_precision():
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{str(out)!r} exists; pass overwrite=True to replace it")
+        with _matmul_precision(), atomic_path(out) as tmp:
             if format == "onnx":
-                torch.onnx.export(wrapper, (inputs,), str(out), dynamo=True, dynamic_shapes=shapes)
+                torch.onnx.export(wrapper, (inputs,), str(tmp), dynamo=True, dynamic_shapes=shapes)
             else:
-                torch.export.save(torch.export.export(wrapper, (inputs,), dynamic_shapes=shapes), str(out))
+                torch.export.save(torch.export.export(wrapper, (inputs,), dynamic_shapes=shapes), str(tmp))
         return out
 
     # ------------------------------------------------------------------ helpers
