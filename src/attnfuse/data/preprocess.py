@@ -31,20 +31,13 @@ import numpy as np
 import pandas as pd
 
 from attnfuse.data.table import FLOAT32_MAX, InputSpec, SchemaError, TableSchema, numeric_block, validate
-from attnfuse.data.targets import encode_target, fit_classes
+from attnfuse.data.targets import encode_target, fit_classes, label_key, label_sort_key
 
 __all__ = ["EncodedTable", "TablePreprocessor", "category_key", "embed_text_inputs", "text_values"]
 
 
-def category_key(value: Any) -> str:
-    """Canonical string of a category value, so ``3``, ``3.0`` and ``np.int64(3)`` are one category."""
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    if isinstance(value, np.generic):
-        value = value.item()
-    return str(value)
+#: canonical string of a category value (``3``, ``3.0`` and ``np.int64(3)`` are one category); shared with targets
+category_key = label_key
 
 
 def _is_blank(v: Any) -> bool:
@@ -422,8 +415,4 @@ def _zero_absent(block: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 def _sort_key(key: Any) -> tuple[int, float, str]:
     """Numbers sort numerically before strings, strings alphabetically."""
-    s = category_key(key)
-    try:
-        return (0, float(s), s)
-    except ValueError:
-        return (1, 0.0, s)
+    return label_sort_key(category_key(key))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["CLASS_TASKS", "TASKS", "check_target", "encode_target", "fit_classes", "label_key", "target_columns"]
+__all__ = ["CLASS_TASKS", "TASKS", "check_target", "encode_target", "fit_classes", "label_key", "label_sort_key", "target_columns"]
 
 TASKS = ("classification", "regression", "multilabel", "survival", "retrieval")
 #: tasks whose target is one column of labels
@@ -95,10 +95,11 @@ def fit_classes(df: pd.DataFrame, schema: Any) -> list[Any] | None:
     keys: dict[str, Any] = {}
     for v in df[schema.target].unique():
         keys.setdefault(label_key(v), v.item() if isinstance(v, np.generic) else v)
-    return [keys[k] for k in sorted(keys, key=_sort_key)]
+    return [keys[k] for k in sorted(keys, key=label_sort_key)]
 
 
-def _sort_key(key: str) -> tuple[int, float, str]:
+def label_sort_key(key: str) -> tuple[int, float, str]:
+    """Numeric keys sort numerically before the others, which sort alphabetically."""
     try:
         return (0, float(key), key)
     except ValueError:
