@@ -8,7 +8,7 @@ EXTRAS ?= dev
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.attnfuse-setup
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo package-check clean
 
 # Idempotent: a second run with the same TORCH/EXTRAS and an unchanged pyproject.toml does nothing.
 setup:
@@ -31,6 +31,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/lint-imports --config pyproject.toml
+
+# The built wheel, installed into fresh virtual environments without extras (torch + numpy: `--help`, `list`,
+# `quickstart` work, training commands name the extra in one line) and with [train], run from outside the
+# repository (tests/cli/test_packaging.py; ~2 min, pip's cache reused).
+package-check: setup
+	ATTNFUSE_TEST_PACKAGING=1 ATTNFUSE_TEST_TORCH="$(TORCH)" $(BIN)/python -m pytest tests/cli/test_packaging.py -k wheel_in_fresh
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -1,65 +1,142 @@
-"""``attnfuse`` command: ``list``, ``describe``, ``demo``, ``bench``."""
+"""``attnfuse`` command: ``fit | validate | test | predict`` (LightningCLI), ``list``, ``describe``, ``demo``,
+``seeds``, ``quickstart``, ``bench``.
+
+Start-up is lazy: ``attnfuse --help`` imports neither torch nor Lightning, ``list`` and ``describe`` import
+the registries only (torch; tasks and datasets also need the ``train`` extra), and Lightning loads for the
+commands that train. Every command runs inside :func:`attnfuse.train.console.quiet_console` (Lightning's
+adverts and the warnings a user cannot act on are silenced) and, where it trains, with the thread count of
+:mod:`attnfuse.train.threads` (``--threads N`` / ``ATTNFUSE_THREADS``; read here, in the command layer).
+A command whose optional dependencies are not installed says in one line which extra to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import re
 import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["main"]
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: environment variable with the intra-op thread count of every command (``--threads N`` wins)
+THREADS_ENV_VAR = "ATTNFUSE_THREADS"
+#: import name -> distribution name, where they differ (to find which extra provides a missing module)
+_DISTRIBUTIONS = {"yaml": "pyyaml", "sentence_transformers": "sentence-transformers", "sklearn": "scikit-learn"}
 
-def _registries() -> dict[str, dict]:
-    """Every registry ``list`` shows and ``describe`` looks in: kind -> {name: object}."""
+
+def _core_registries() -> dict[str, dict]:
+    """The registries of the core install (torch only): kind -> {name: object}."""
     from attnfuse import fusion
-    from attnfuse.data import DATASETS
     from attnfuse.ops import OPERATORS
-    from attnfuse.train.tasks import TASKS
 
     return {"operator": {k: v.fn for k, v in OPERATORS.items()}, "fusion": dict(fusion.FUSIONS),
-            "block": dict(getattr(fusion, "BLOCKS", {})), "task": dict(TASKS), "dataset": dict(DATASETS)}
+            "block": dict(getattr(fusion, "BLOCKS", {}))}
+
+
+def _train_registries() -> dict[str, dict]:
+    """Tasks and datasets (the ``train`` extra: torchmetrics, pandas). Raises ModuleNotFoundError without it."""
+    from attnfuse.data import DATASETS
+    from attnfuse.train.tasks import TASKS
+
+    return {"task": dict(TASKS), "dataset": dict(DATASETS)}
+
+
+def _summary(text: str, width: int) -> str:
+    """``text`` on one line of at most ``width`` characters, cut at a word boundary with an ellipsis."""
+    plain = re.sub(r"``([^`]*)``", r"\1", " ".join(text.split()))
+    return textwrap.shorten(plain, width=max(width, 20), placeholder=" …")
 
 
 def _first_line(obj: object) -> str:
-    return (inspect.getdoc(obj) or "").split("\n")[0][:80]
+    return (inspect.getdoc(obj) or "").split("\n\n")[0]
+
+
+def _line_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 def _list(_: argparse.Namespace) -> int:
-    from attnfuse.fusion import FUSIONS
-    from attnfuse.ops import OPERATORS
     from attnfuse.ops.backends import list_backends
 
-    reg = _registries()
+    width = _line_width()
+    core = _core_registries()
     print("operators (nn.Attention(op=NAME), fusion option op: NAME):")
-    for name in sorted(OPERATORS):
+    for name in sorted(core["operator"]):
         print(f"  {name:<16} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
     print("fusions (model.fusion: NAME in a fit config):")
-    for name, cls in sorted(FUSIONS.items()):
+    for name, cls in sorted(core["fusion"].items()):
         print(f"  {name:<16} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
-    if reg["block"]:
+    if core["block"]:
         print("fusion building blocks (Python: attnfuse.fusion; not fusions of named inputs):")
-        for name, cls in sorted(reg["block"].items()):
+        for name, cls in sorted(core["block"].items()):
             print(f"  {name:<16} {cls.__name__}")
+    try:
+        train = _train_registries()
+    except ModuleNotFoundError as err:
+        extra = _extra_for(err.name) or "train"
+        print(f"tasks and datasets: not installed (no module {err.name!r}): pip install \"attnfuse[{extra}]\"")
+        return 0
     print("tasks (model.task: NAME; default: the data schema's task):")
-    for name, cls in sorted(reg["task"].items()):
-        print(f"  {name:<16} {cls.__name__}: {_first_line(cls)}")
+    for name, cls in sorted(train["task"].items()):
+        head = f"  {name:<16} {cls.__name__}: "
+        print(head + _summary(_first_line(cls), width - len(head)))
     print("datasets (data.dataset: NAME; `attnfuse describe NAME` shows options):")
-    for name, spec in sorted(reg["dataset"].items()):
-        print(f"  {name:<16} {spec.summary}")
+    for name, spec in sorted(train["dataset"].items()):
+        head = f"  {name:<16} "
+        print(head + _summary(spec.summary, width - len(head)))
     return 0
 
 
-def _describe(args: argparse.Namespace) -> int:
-    from attnfuse.data import describe_dataset
+def _baselines() -> dict[str, str]:
+    """The values of ``model.baseline`` (from :class:`FusionTask`'s signature) -> the documentation of each."""
+    import typing
 
-    reg = _registries()
+    from attnfuse.train.module import FusionTask
+
+    def strings(tp: Any) -> list[str]:
+        return [tp] if isinstance(tp, str) else [s for arg in typing.get_args(tp) for s in strings(arg)]
+
+    names = strings(typing.get_type_hints(FusionTask.__init__)["baseline"])
+    doc = inspect.getdoc(FusionTask) or ""
+    entry = re.search(r"^\s*baseline: (.*?)(?=^\s*\w[\w, ]*: |\Z)", doc, re.MULTILINE | re.DOTALL)
+    text = " ".join(entry.group(1).split()) if entry else ""
+    described = {}
+    for name in names:  # the sentence part about this value: ``"concat_mlp"`` (concatenated inputs -> MLP)
+        found = re.search(rf'``"{re.escape(name)}"``\s*(\([^)]*\))', text)
+        described[name] = found.group(1).strip("()") if found else text
+    return described
+
+
+def _describe(args: argparse.Namespace) -> int:
+    reg = _core_registries()
+    missing = None
+    if not any(args.name in entries for entries in reg.values()):  # tasks and datasets: imported only when needed
+        try:
+            reg.update(_train_registries())
+        except ModuleNotFoundError as err:
+            missing = err
     hits = [(kind, entries[args.name]) for kind, entries in reg.items() if args.name in entries]
+    if not hits and missing is None and args.name in (baselines := _baselines()):
+        _describe_baseline(args.name, baselines)
+        return 0
     if not hits:
         known = sorted({n for entries in reg.values() for n in entries})
         print(f"attnfuse: unknown name {args.name!r}; known: {', '.join(known)}", file=sys.stderr)
+        if missing is not None:
+            print(f"attnfuse: tasks, datasets and baselines are not installed (no module {missing.name!r}): "
+                  f"pip install \"attnfuse[{_extra_for(missing.name) or 'train'}]\"", file=sys.stderr)
         return 2
     for kind, obj in hits:
         if kind == "dataset":
+            from attnfuse.data import describe_dataset
+
             print(describe_dataset(args.name))
             continue
         print(f"{args.name} ({kind}): {obj.__module__}.{obj.__qualname__}{inspect.signature(obj)}\n")
@@ -67,20 +144,33 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_baseline(name: str, baselines: dict[str, str]) -> None:
+    from attnfuse.models.fusion_model import ConcatMLP
+
+    print(f"{name} (baseline): a value of model.baseline, not a fusion: {baselines[name]}; the model replaces the "
+          f"encoders and the fusion.\n  in a fit config:  model: {{baseline: {name}}}\n  on the command line: "
+          f"--model.baseline {name}\n  in Python: FusionPredictor(..., baseline={name!r})\n"
+          f"other baselines: {', '.join(n for n in baselines if n != name)}\n")
+    print(f"{ConcatMLP.__module__}.{ConcatMLP.__qualname__}{inspect.signature(ConcatMLP)}\n")
+    print(inspect.getdoc(ConcatMLP))
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from attnfuse.train.console import quiet_console
     from attnfuse.train.demo import run_demo
 
     if args.seeds < 1 or args.epochs < 1:
         raise ValueError(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
     seeds = tuple(range(args.seeds))
-    run_demo(out_dir=args.out, seeds=seeds, max_epochs=args.epochs, dataset=args.dataset)
+    with quiet_console():
+        run_demo(out_dir=args.out, seeds=seeds, max_epochs=args.epochs, dataset=args.dataset)
     return 0
 
 
 def _seeds(args: argparse.Namespace) -> int:
-    import torch
     import yaml
 
+    from attnfuse.train.console import quiet_console
     from attnfuse.train.seeds import run_seeds
 
     if args.seeds < 1:
@@ -92,10 +182,9 @@ def _seeds(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"cannot read --config {args.config!r}: {err.strerror}") from None
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"--config {args.config!r} must hold a mapping with data / model / trainer sections")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_seeds(config or {}, list(range(args.seeds)), max_missing=args.max_missing, max_epochs=args.epochs,
-                       out_dir=args.out)
+    with quiet_console():
+        result = run_seeds(config or {}, list(range(args.seeds)), max_missing=args.max_missing, max_epochs=args.epochs,
+                           out_dir=args.out)
     print(result["markdown"])
     return 0
 
@@ -148,9 +237,6 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     import pickle
 
@@ -180,38 +266,92 @@ def _explain(err: BaseException) -> BaseException:
     return err
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``attnfuse`` command; returns the exit status.
+def _extra_for(module: str | None) -> str | None:
+    """The extra of this package that installs ``module`` (``"train"`` for ``pandas``), or None.
 
-    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands (``--config``,
-    ``--print_config``, ``--trainer.*``, ``--model.*``, ``--data.*``); the others are listed by
-    ``attnfuse --help``.
+    Read from the installed package's metadata (the ``Requires-Dist: ...; extra == "train"`` lines), so
+    it follows ``pyproject.toml``; the ``dev`` extra is named only when no other extra has the module.
     """
-    from_sys = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from attnfuse.cli.lightning import run_lightning
+    from importlib import metadata
 
-        try:
+    if not module:
+        return None
+    wanted = re.sub(r"[-_.]+", "-", _DISTRIBUTIONS.get(module.split(".")[0], module.split(".")[0])).lower()
+    try:
+        requires = metadata.requires("attnfuse") or []
+    except metadata.PackageNotFoundError:
+        return None
+    extras = []
+    for req in requires:
+        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        if name and extra and re.sub(r"[-_.]+", "-", name.group(1)).lower() == wanted:
+            extras.append(extra.group(1))
+    return next((e for e in extras if e != "dev"), extras[0] if extras else None)
+
+
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause, reported as one ``error:`` line (the builtin ones without the train extra)."""
+    try:
+        return _user_errors()
+    except ImportError:  # the core install: no yaml / Lightning / pandas, so none of their errors can occur
+        return (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError)
+
+
+def _threads_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {text!r}")
+    return int(text)
+
+
+def _env_threads() -> int | None:
+    """``ATTNFUSE_THREADS`` (a number >= 1, or empty / ``auto`` for the automatic choice)."""
+    raw = os.environ.get(THREADS_ENV_VAR, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV_VAR} must be a whole number of threads >= 1 or 'auto', got {raw!r}")
+    return int(raw)
+
+
+def _pop_threads(args: list[str]) -> tuple[int | None, list[str]]:
+    """``--threads N`` / ``--threads=N`` taken out of a Lightning subcommand's arguments (LightningCLI does not know it)."""
+    rest, threads, it = [], None, iter(args)
+    for arg in it:
+        if arg == "--threads" or arg.startswith("--threads="):
+            value = arg.partition("=")[2] if "=" in arg else next(it, "")
             try:
-                return run_lightning(None if from_sys else argv)
-            except RuntimeError as err:
-                raise _explain(err) from err
-        except _user_errors() as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"attnfuse {argv[0]}: error: {msg}", file=sys.stderr)
-            return 2
-    parser = argparse.ArgumentParser(prog="attnfuse", description="Attention operators and attention fusion.")
-    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark runner
-        try:
-            return _bench(argparse.Namespace(bench_args=argv[1:]))
-        except FileNotFoundError as err:
-            print(f"attnfuse bench: error: {err}", file=sys.stderr)
-            return 2
-    parser.epilog = "Lightning subcommands: " + ", ".join(LIGHTNING_COMMANDS) + " (see `attnfuse fit --help`)."
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered operators and fusion modules").set_defaults(fn=_list)
-    p = sub.add_parser("describe", help="signature and documentation of an operator or fusion module")
+                threads = _threads_arg(value)
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"--threads: {err}") from None
+        else:
+            rest.append(arg)
+    return threads, rest
+
+
+THREADS_HELP = (f"intra-op CPU threads (default: from the model size, 1 for small models; also {THREADS_ENV_VAR}=N; "
+                "see docs/training.md, Threads)")
+_LIGHTNING_HELP = {
+    "fit": "train a model from a config; ends by testing the best checkpoint (`attnfuse fit --help`)",
+    "validate": "validation metrics of a checkpoint (--ckpt_path)",
+    "test": "test metrics of a checkpoint (--ckpt_path)",
+    "predict": "predictions of a checkpoint, written with --output FILE",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnfuse", description="Attention operators and attention fusion.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Lightning subcommands: " + ", ".join(LIGHTNING_COMMANDS) + " (see `attnfuse fit --help`: --config, "
+               "--model.*, --data.*, --trainer.*; also --threads N).\n"
+               "Training commands need the train extra: pip install \"attnfuse[train]\".")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(
+        [*LIGHTNING_COMMANDS, "list", "describe", "demo", "seeds", "quickstart", "bench"]) + "}")
+    for name in LIGHTNING_COMMANDS:  # listed for the help; main() hands them to LightningCLI before this parser runs
+        sub.add_parser(name, help=_LIGHTNING_HELP[name], add_help=False)
+    sub.add_parser("list", help="registered operators, fusions, tasks and datasets").set_defaults(fn=_list)
+    p = sub.add_parser("describe", help="signature and documentation of an operator, fusion, task, dataset or baseline")
     p.add_argument("name")
     p.set_defaults(fn=_describe)
     p = sub.add_parser("demo", help="the main job: compare fusion methods on mfeat (real data), report + plots")
@@ -219,26 +359,87 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     p.add_argument("--epochs", type=int, default=25, help="epochs per run")
     p.add_argument("--dataset", default="mfeat", help="mfeat, or synthetic_views (labelled synthetic)")
+    p.add_argument("--threads", type=_threads_arg, default=None, help=THREADS_HELP)
     p.set_defaults(fn=_demo)
     p = sub.add_parser("seeds", help="fit + test a config over N seeds (mean ± std) and sweep missing inputs")
     p.add_argument("--config", required=True, help="a fit config (YAML with data, model, trainer sections)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--max-missing", type=int, default=1, help="sweep every subset of up to this many missing inputs")
     p.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for small models)")
+    p.add_argument("--threads", type=_threads_arg, default=None, help=THREADS_HELP)
     p.add_argument("--out", default=None, help="folder for seeds.md")
     p.set_defaults(fn=_seeds)
+    p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_threads_arg, default=None, help=THREADS_HELP)
+    p.set_defaults(fn=_quickstart)
     p = sub.add_parser("bench", help="operator speed benchmarks: runs the repository's `python -m benchmarks.run` inside "
                        "a checkout (or --repo PATH); e.g. bench --quick --only dense")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="[--repo PATH] and the arguments of python -m benchmarks.run")
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("quickstart", help="a seconds-long fusion example on a labelled synthetic task (no data download)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=_quickstart)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _lightning(command: str, args: list[str] | None) -> int:
+    """Run a LightningCLI command; a parser error is one ``error:`` line (with a did-you-mean), not the usage."""
+    from attnfuse.cli.lightning import run_lightning
+    from attnfuse.train.console import quiet_console
+
+    with quiet_console():
+        try:
+            try:
+                return run_lightning(args)
+            except RuntimeError as err:
+                raise _explain(err) from err
+        except argparse.ArgumentError as err:
+            print(f"attnfuse {command}: error: {err}\nattnfuse {command}: every option: attnfuse {command} --help",
+                  file=sys.stderr)
+            return 2
+
+
+def _with_threads(threads: int | None, run: Callable[[], int]) -> int:
+    from attnfuse.train.threads import use_threads
+
+    with use_threads(threads):
+        return run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attnfuse`` command; returns the exit status.
+
+    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands (``--config``,
+    ``--print_config``, ``--trainer.*``, ``--model.*``, ``--data.*``); the others are listed by
+    ``attnfuse --help``. User errors (a bad option, config or file; a missing optional dependency)
+    are one ``error:`` line and exit status 2.
+    """
+    from_sys = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark runner
+        try:
+            return _bench(argparse.Namespace(bench_args=argv[1:]))
+        except FileNotFoundError as err:
+            print(f"attnfuse bench: error: {err}", file=sys.stderr)
+            return 2
+    command = argv[0] if argv and argv[0] in LIGHTNING_COMMANDS else None
+    args = None if command else _parser().parse_args(argv)  # --help and usage errors exit here
+    command = command or args.command
     try:
+        if args is None:
+            threads, rest = _pop_threads(argv[1:])
+            given = None if from_sys and len(rest) == len(argv) - 1 else [command, *rest]  # None: LightningCLI reads sys.argv
+            return _with_threads(threads or _env_threads(), lambda: _lightning(command, given))
+        if hasattr(args, "threads"):
+            return _with_threads(args.threads or _env_threads(), lambda: args.fn(args))
         return args.fn(args)
-    except _user_errors() as err:
-        print(f"attnfuse {args.command}: error: {err}", file=sys.stderr)
+    except ModuleNotFoundError as err:
+        extra = _extra_for(err.name)
+        if extra is None:
+            raise
+        print(f"attnfuse {command}: error: this command needs the {extra!r} extra (no module {err.name!r}): "
+              f"pip install \"attnfuse[{extra}]\"", file=sys.stderr)
+        return 2
+    except _reported_errors() as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"attnfuse {command}: error: {msg}", file=sys.stderr)
         return 2

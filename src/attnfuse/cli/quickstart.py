@@ -17,6 +17,7 @@ from torch import nn
 
 from attnfuse.fusion import EarlyFusion, HierarchicalFusion, LateFusion, LatentBottleneck, TokenSet
 from attnfuse.heads import ClassificationHead
+from attnfuse.train.threads import model_threads
 
 __all__ = ["make_task", "run_quickstart"]
 
@@ -83,31 +84,40 @@ def run_quickstart(*, steps: int = 300, seed: int = 0, batch: int = 128) -> dict
     print("-" * len(header))
     for name, (fusion, pooling) in methods.items():
         model = _Model(fusion, pooling)
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-        only = None if name.startswith("single") else SOURCES
-        start = time.perf_counter()
-        for _ in range(steps):
-            model.train()
-            idx = torch.randint(0, len(y_train), (batch,), generator=gen)
-            inputs = _select(train, idx)
-            if only is None:
-                inputs = {"a": inputs["a"]}
-            loss = nn.functional.cross_entropy(model(inputs), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        seconds = time.perf_counter() - start
-        full = test if only else {"a": test["a"]}
-        missing = test_missing_b if only else full
-        acc, acc_missing = _accuracy(model, full, y_test), _accuracy(model, missing, y_test)
-        params = sum(p.numel() for p in model.parameters())
-        results[name] = {"accuracy": acc, "accuracy_b_missing": acc_missing, "params": params, "seconds": seconds}
-        print(f"{name:<20} {params:>8} {acc:>9.3f} {acc_missing:>15.3f} {seconds:>8.1f}")
+        with model_threads(model):  # these models are small: one intra-op thread (attnfuse.train.threads)
+            results[name] = _train_and_test(name, model, steps, batch, gen, (train, y_train), (test, test_missing_b, y_test))
+        r = results[name]
+        print(f"{name:<20} {r['params']:>8} {r['accuracy']:>9.3f} {r['accuracy_b_missing']:>15.3f} {r['seconds']:>8.1f}")
         if name == "early fusion":
-            share = _fusion_token_share(model, test)
+            with model_threads(model):
+                share = _fusion_token_share(model, test)
     print("\nearly fusion: share of the fusion token's attention per source (last layer, mean over heads, test set)")
     print("  " + "   ".join(f"{k}: {v:.2f}" for k, v in share.items()))
     return results
+
+
+def _train_and_test(name: str, model: _Model, steps: int, batch: int, gen: torch.Generator, train_data, test_data
+                    ) -> dict[str, float]:
+    (train, y_train), (test, test_missing_b, y_test) = train_data, test_data
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    only = None if name.startswith("single") else SOURCES
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.train()
+        idx = torch.randint(0, len(y_train), (batch,), generator=gen)
+        inputs = _select(train, idx)
+        if only is None:
+            inputs = {"a": inputs["a"]}
+        loss = nn.functional.cross_entropy(model(inputs), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - start
+    full = test if only else {"a": test["a"]}
+    missing = test_missing_b if only else full
+    acc, acc_missing = _accuracy(model, full, y_test), _accuracy(model, missing, y_test)
+    params = sum(p.numel() for p in model.parameters())
+    return {"accuracy": acc, "accuracy_b_missing": acc_missing, "params": params, "seconds": seconds}
 
 
 def _fusion_token_share(model: _Model, inputs: dict[str, TokenSet]) -> dict[str, float]:

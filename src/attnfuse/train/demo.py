@@ -21,6 +21,7 @@ from attnfuse.data import collate_fn
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.report import markdown_table, plot_attention_heatmap, plot_missing_curve
 from attnfuse.train.runner import mean_std, missing_input_sweep, run_config
+from attnfuse.train.threads import model_threads
 
 __all__ = ["METHODS", "demo_configs", "run_demo"]
 
@@ -58,14 +59,9 @@ def run_demo(*, out_dir: str | Path = "runs/demo", seeds: tuple[int, ...] = (0, 
     """Run the comparison and write ``out_dir/report.md`` (+ PNG plots). Returns the numbers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # these models are small: one intra-op thread is several times faster than two (thread
-    # synchronisation dominates), and far more robust when other processes share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(out, seeds, max_epochs, dataset)
-    finally:
-        torch.set_num_threads(threads)
+    # every run, sweep and attention map picks its intra-op thread count from its model's size
+    # (attnfuse.train.threads: one thread for these small models), or takes the use_threads(N) override
+    return _run(out, seeds, max_epochs, dataset)
 
 
 def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> dict[str, Any]:
@@ -108,7 +104,9 @@ def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> di
     for name in METHODS:
         per_m = defaultdict(list)
         for run in results[name]:
-            for rec in missing_input_sweep(run.task, run.data):
+            with model_threads(run.task):
+                sweep = missing_input_sweep(run.task, run.data)
+            for rec in sweep:
                 per_m[rec["num_missing"]].append(rec["acc"])
                 if run is results[name][0]:
                     sweeps.setdefault(name, []).append(rec)
@@ -124,7 +122,8 @@ def _run(out: Path, seeds: tuple[int, ...], max_epochs: int, dataset: str) -> di
     curve_table = markdown_table(["method"] + [f"{m} missing" for m, _, _ in curves[best_model]], curve_rows)
 
     # 5. fusion attention over views (early fusion, seed 0): fusion token's attention per view, per class
-    heat_png, heat = _attention_heatmap(results["early attention fusion"][0], views, out / "fusion_attention.png")
+    with model_threads(results["early attention fusion"][0].task):
+        heat_png, heat = _attention_heatmap(results["early attention fusion"][0], views, out / "fusion_attention.png")
 
     seconds = time.perf_counter() - start
     report = f"""# attnfuse demo: attention fusion on mfeat

@@ -240,7 +240,7 @@ class AttnfuseCLI(LightningCLI):
         # a rich progress bar by default (unless the user disabled the bar or chose one)
         has_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if trainer.enable_progress_bar is not False and not has_bar and _importable("rich"):
-            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace()))
+            callbacks.append(Namespace(class_path="attnfuse.train.console.RichProgressBar", init_args=Namespace()))
             trainer.callbacks = callbacks
         if self.subcommand in EVALUATION_COMMANDS:
             # evaluation and prediction do not train: no logger and no saved config, so no new version_N folder
@@ -357,17 +357,30 @@ def _importable(name: str) -> bool:
 
 
 def make_cli(args: Any, *, run: bool = True, **kwargs: Any) -> AttnfuseCLI:
-    """The attnfuse LightningCLI over ``args`` (argv list, or a config mapping with ``run=False``)."""
+    """The attnfuse LightningCLI over ``args`` (argv list, or a config mapping with ``run=False``).
+
+    A parser error raises ``argparse.ArgumentError`` (an unknown option's message says which one was meant)
+    instead of printing the usage and exiting; options are never abbreviated. Every stage runs with the
+    intra-op thread count chosen from the model size (:class:`~attnfuse.train.console.ThreadsCallback`).
+    """
+    from attnfuse.train.console import ArgumentParser, ThreadsCallback
+
     torch.set_float32_matmul_precision("high")
+    epilog = "attnfuse also takes --threads N (intra-op CPU threads; default from the model size, or ATTNFUSE_THREADS)."
+    parser_kwargs = {"exit_on_error": False, **{cmd: {"epilog": epilog} for cmd in ("fit", "validate", "test", "predict")},
+                     **kwargs.pop("parser_kwargs", {})}
     return AttnfuseCLI(
         FusionTask,
         FusionDataModule,
         args=args,
         run=run,
         seed_everything_default=0,
-        trainer_defaults={"max_epochs": 20, "deterministic": True, "default_root_dir": "runs/cli"},
+        trainer_defaults={"max_epochs": 20, "deterministic": True, "default_root_dir": "runs/cli",
+                          "callbacks": [ThreadsCallback()]},  # trainer_defaults callbacks are always added
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=ArgumentParser,
+        parser_kwargs=parser_kwargs,
         **kwargs,
     )
 

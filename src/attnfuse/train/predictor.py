@@ -54,11 +54,12 @@ from attnfuse.data import (
 from attnfuse.fusion import get_fusion
 from attnfuse.models.fusion_model import FusionFactory, describe_factory, resolve_fusion
 from attnfuse.train.checkpoints import CheckpointError, atomic_path, load_checked, save_checked
+from attnfuse.train.console import ThreadsCallback, quiet_console
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.lightning_cli import add_default_callbacks, fit_summary, predictions_frame
 from attnfuse.train.module import FusionTask, import_class_path
-from attnfuse.train.runner import _quiet
 from attnfuse.train.tasks import Classification, Multilabel, Regression, Retrieval, Survival, Task, get_task
+from attnfuse.train.threads import model_threads
 
 __all__ = ["FusionPredictor"]
 
@@ -220,6 +221,7 @@ class FusionPredictor:
                 "logger": logger, "enable_progress_bar": self.progress, "enable_model_summary": self.progress,
                 **({} if has_val else {"limit_val_batches": 0}), **self.trainer_options})
             add_default_callbacks(trainer, module, patience=opts["patience"])
+            trainer.callbacks.append(ThreadsCallback())  # intra-op threads from the model size, as in `attnfuse fit`
             trainer.fit(module, datamodule=data)
             run_dir = trainer.log_dir or trainer.default_root_dir
             if trainer.is_global_zero:  # split.json and preprocessor.json beside the logs, as `attnfuse fit` writes them
@@ -337,7 +339,7 @@ class FusionPredictor:
         accelerator, devices = ("gpu", [device.index or 0]) if device.type == "cuda" else ("cpu", 1)
         with _matmul_precision(), _quiet_unless(self.progress):
             trainer = pl.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False)
+                                 enable_progress_bar=False, enable_model_summary=False, callbacks=[ThreadsCallback()])
             (result,) = trainer.test(module, dataloaders=loader, verbose=False)
         module.to(device).eval()
         return {k.removeprefix("test_"): float(v) for k, v in result.items()}
@@ -517,7 +519,7 @@ class FusionPredictor:
         device, was_training = _device(module), module.training
         module.eval()
         try:
-            with _matmul_precision():
+            with _matmul_precision(), model_threads(module):
                 outputs = [module.predict_step(move_data_to_device(b, device), i) for i, b in enumerate(loader)]
         finally:
             module.train(was_training)
@@ -654,4 +656,4 @@ def _matmul_precision(precision: str = "high") -> Iterator[None]:
 
 
 def _quiet_unless(progress: bool) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if progress else _quiet("lightning.pytorch", "lightning.fabric")
+    return quiet_console(info=progress)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-import logging
 import statistics
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError
 
+from attnfuse.train.console import quiet_console
 from attnfuse.train.datamodule import FusionDataModule
 from attnfuse.train.lightning_cli import add_default_callbacks, make_cli
 from attnfuse.train.module import FusionTask
@@ -76,9 +75,9 @@ def run_config(
                                       "init_args": {"save_dir": root, "name": "", "version": ""}}
                            if out_dir is not None else False)
         cfg["trainer"] = trainer
-        with contextlib.ExitStack() as stack:
-            if not progress:  # Lightning's per-run info lines (seed, checkpoint restored, ...) are noise in a multi-run job
-                stack.enter_context(_quiet("lightning.pytorch", "lightning.fabric"))
+        # adverts and warnings a user cannot act on; without progress also Lightning's per-run info lines (seed,
+        # checkpoint restored, ...), noise in a multi-run job. make_cli's ThreadsCallback picks the thread count.
+        with quiet_console(info=progress):
             try:
                 cli = make_cli(cfg, run=False, parser_kwargs={"exit_on_error": False})
             except ArgumentError as err:  # a config error, as `attnfuse fit` would report it
@@ -90,19 +89,6 @@ def run_config(
             test = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in {**val[0], **test[0]}.items()}
     return RunResult(metrics, cli.model, cli.datamodule, {"best_checkpoint": best, "epochs": cli.trainer.current_epoch})
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def fit_and_test(data: Mapping[str, Any], model: Mapping[str, Any], *, seed: int = 0, max_epochs: int = 30,
