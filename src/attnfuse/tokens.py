@@ -10,6 +10,7 @@ can use it without importing fusion).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +88,7 @@ class TokenSet:
     @property
     def num_tokens(self) -> int:
         """Number of token positions (product of the token axes)."""
-        return int(torch.tensor(self.x.shape[1:-1]).prod())
+        return math.prod(self.x.shape[1:-1])
 
     def valid(self) -> Tensor:
         """The mask, materialised: bool ``(B, *axes)``."""
@@ -102,9 +103,9 @@ class TokenSet:
     def flatten(self) -> TokenSet:
         """The same tokens as one axis: ``x (B, N, D)``, ``mask (B, N)``; positions added into ``x``."""
         x = self.x if self.pos is None else self.x + self.pos
-        b, d = x.shape[0], x.shape[-1]
-        mask = None if self.mask is None else self.mask.reshape(b, -1)
-        return TokenSet(x.reshape(b, -1, d), mask, ("token",), None, dict(self.meta))
+        b, n, d = x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]  # explicit N: reshape cannot infer -1 when B = 0
+        mask = None if self.mask is None else self.mask.reshape(b, n)
+        return TokenSet(x.reshape(b, n, d), mask, ("token",), None, dict(self.meta))
 
     def with_mask(self, mask: Tensor) -> TokenSet:
         """A copy with another mask ``(B, *axes)``."""

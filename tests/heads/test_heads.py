@@ -56,3 +56,21 @@ def test_head_errors():
         ClassificationHead(8, 0)
     with pytest.raises(ValueError, match=r"\(B, N, D\)"):
         ClassificationHead(8, 3)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "fusion", "cls", "attention"])
+def test_pooling_of_an_empty_batch_and_of_no_tokens(pooling):
+    pool = Pool(8, pooling, heads=2)
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    out = pool(TokenSet(x, torch.ones(0, 5, dtype=torch.bool)))
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert ClassificationHead(8, 3, pooling=pooling, heads=2)(TokenSet(torch.randn(0, 5, 8))).shape == (0, 3)
+    no_tokens = torch.randn(2, 0, 8)
+    for mask in (None, torch.ones(2, 0, dtype=torch.bool)):
+        if pooling in ("fusion", "cls"):  # there is no first token to read
+            with pytest.raises(ValueError, match=r"first-token pooling .* needs at least one token, got x.shape=\(2, 0, 8\)"):
+                pool(no_tokens, mask)
+        else:  # a sample without tokens pools to 0
+            assert torch.equal(pool(no_tokens, mask), torch.zeros(2, 8))

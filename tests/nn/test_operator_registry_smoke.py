@@ -38,3 +38,19 @@ def test_operator_forward_backward_through_attention(name):
     out.square().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MINIMAL_OPTIONS))
+def test_operator_with_an_empty_batch_or_no_tokens_through_attention(name):
+    """Batch 0 and 0 tokens (an empty grid) through nn.Attention: outputs of the input's shape, a backward pass."""
+    torch.manual_seed(0)
+    spec = OPERATORS[name]
+    attn = Attention(8, 2, op=spec.config(**MINIMAL_OPTIONS[name]))
+    shapes = [(0, 6, 6, 8), (2, 0, 6, 8)] if spec.layout == "grid" else [(0, 12, 8), (2, 0, 8)]
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        for mask in (None, torch.ones(shape[:-1], dtype=torch.bool)):
+            out = attn(x, mask=mask)
+            assert out.shape == x.shape, f"{name} {shape}"
+            out.sum().backward()
+            assert x.grad.shape == x.shape

@@ -150,8 +150,8 @@ class AxisAttention(nn.Module):
         x_t = x.movedim(dim, -2)  # (B, *others, N_axis, D)
         m_t = mask.movedim(dim, -1)  # (B, *others, N_axis)
         lead = x_t.shape[:-2]
-        x_f = x_t.reshape(-1, *x_t.shape[-2:])  # (B * others, N_axis, D)
-        m_f = m_t.reshape(-1, m_t.shape[-1])  # (B * others, N_axis)
+        x_f = x_t.reshape(math.prod(lead), *x_t.shape[-2:])  # (B * others, N_axis, D); explicit: -1 fails on 0 elements
+        m_f = m_t.reshape(math.prod(lead), m_t.shape[-1])  # (B * others, N_axis)
         if self.encoder is not None:
             out = self.encoder(x_f, mask=m_f, return_weights=return_weights)
             out, maps = out if return_weights else (out, [])
@@ -164,7 +164,7 @@ class AxisAttention(nn.Module):
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Attend along the axis in every source; see the class docstring."""
-        self.embed.check(inputs)
+        inputs = self.embed.align(inputs)  # validated, one dtype
         per_source, weights, layout = {}, {}, {}
         xs, masks, start = [], [], 0
         for name in self.sources:
@@ -368,7 +368,7 @@ class LayerAttention(nn.Module):
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Layer attention, node attention, readout; see the class docstring."""
-        self.embed.check(inputs)
+        inputs = self.embed.align(inputs)  # validated, one dtype
         x, mask, source_masks = self._history(inputs)
         if x.shape[2] != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers on axis {self.layer_axis!r}, got {x.shape[2]}; "

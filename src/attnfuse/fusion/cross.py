@@ -148,7 +148,7 @@ class CrossAttentionFusion(nn.Module):
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Fuse; maps are keyed ``"cross.<i>"`` ``(B, H, F + Nq, S)`` and ``"self.<i>"``."""
         prepared = {s.name: s for s in self.embed(inputs)}
-        ref = next(iter(inputs.values())).x
+        ref = next(iter(self.embed.align(inputs).values())).x  # batch, device and the common dtype
         batch, n_fusion = ref.shape[0], self.fusion_tokens.shape[0]
         xs = [self.fusion_tokens.to(ref.dtype).expand(batch, -1, -1)]
         masks = [torch.ones(batch, n_fusion, dtype=torch.bool, device=ref.device)]

@@ -112,7 +112,7 @@ class DempsterFusion(nn.Module):
 
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Fuse the sources' opinions token by token; see the class docstring."""
-        self.embed.check(inputs)
+        inputs = self.embed.align(inputs)  # validated, one dtype
         grids = {n: tuple(ts.x.shape[1:-1]) for n, ts in inputs.items()}
         if len(set(grids.values())) > 1:
             raise ValueError(f"evidential fusion combines token by token: all sources need one token grid, got {grids}")

@@ -111,7 +111,7 @@ class LatentBottleneck(nn.Module):
     def forward(self, inputs: Mapping[str, TokenSet], *, return_weights: bool = False) -> FusionOutput:
         """Fuse ``inputs`` into ``M`` latents. Maps: ``"cross"`` ``(B, H, M, S)``, ``"latent.<i>"``."""
         prepared = self.embed(inputs)
-        ref = next(iter(inputs.values())).x
+        ref = next(iter(self.embed.align(inputs).values())).x  # batch, device and the common dtype
         batch = ref.shape[0]
         latents = self.latents.to(ref.dtype).expand(batch, -1, -1)  # (B, M, D)
         weights: dict[str, torch.Tensor] = {}

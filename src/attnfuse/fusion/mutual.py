@@ -10,6 +10,7 @@ modality (S²MA-style mutual attention), and the calibrator's form is unverified
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -51,7 +52,7 @@ def _gate_column(g: Tensor, grid: tuple[int, ...], name: str) -> Tensor:
         g = torch.broadcast_to(g, (g.shape[0], *grid))
     except RuntimeError:
         raise ValueError(f"gate of {name!r} must broadcast to (B, {', '.join(map(str, grid))}), got shape {tuple(g.shape)}") from None
-    return g.reshape(g.shape[0], -1, 1)  # (B, N, 1)
+    return g.reshape(g.shape[0], math.prod(grid), 1)  # (B, N, 1)
 
 
 @register_fusion("mutual")
@@ -223,7 +224,7 @@ class MutualAttention(nn.Module):
             g = gates[name]
         elif self.gate is not None:
             grid = tuple(inputs[name].x.shape[1:-1])
-            g = self.gate(src.x.reshape(src.x.shape[0], *grid, -1), src.mask.reshape(src.mask.shape[0], *grid))
+            g = self.gate(src.x.reshape(src.x.shape[0], *grid, src.x.shape[-1]), src.mask.reshape(src.mask.shape[0], *grid))
         if g is None:
             return present
         return present * _gate_column(g.to(present.dtype), tuple(inputs[name].x.shape[1:-1]), name)
@@ -232,7 +233,7 @@ class MutualAttention(nn.Module):
         self, inputs: Mapping[str, TokenSet], *, gates: Mapping[str, Tensor] | None = None, return_weights: bool = False
     ) -> FusionOutput:
         """Fuse ``a`` with ``b``; ``gates`` (by source name, broadcastable to ``(B, *grid)``) override ``gate``."""
-        self.embed.check(inputs)
+        inputs = self.embed.align(inputs)  # validated, one dtype
         grids = {n: tuple(ts.x.shape[1:-1]) for n, ts in inputs.items()}
         if self.merge != "tokens" and len(set(grids.values())) > 1:
             raise ValueError(f"merge={self.merge!r} needs every map on one grid, got {grids}; use merge='tokens'")
@@ -288,7 +289,7 @@ class MutualAttention(nn.Module):
                 continue
             x, mask = x[:, start:stop], src.mask[:, start:stop]
             batch, grid = x.shape[0], grids[name]
-            per_source[name] = TokenSet(x.reshape(batch, *grid, -1), mask.reshape(batch, *grid), inputs[name].axes)
+            per_source[name] = TokenSet(x.reshape(batch, *grid, x.shape[-1]), mask.reshape(batch, *grid), inputs[name].axes)
             for kind in ("position", "channel"):
                 w = weights.get(f"{kind}.{role}")
                 if w is not None:

@@ -1,5 +1,9 @@
 """Source preparation shared by fusion modules: validation, type embeddings, missing inputs.
 
+Sources of different floating dtypes are promoted to one common dtype (``torch.promote_types`` over
+every source's ``x`` and ``pos``, as ``torch.cat`` would) before anything else: a float32 and a bfloat16
+source are fused in float32, exactly as if both had been passed in float32 (see :meth:`SourceEmbedding.align`).
+
 Missing-input semantics (the contract every fusion module keeps):
 
 * a declared source that is absent from the inputs, or whose mask is all False for a sample,
@@ -13,6 +17,8 @@ Missing-input semantics (the contract every fusion module keeps):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -134,9 +140,30 @@ class SourceEmbedding(nn.Module):
                 raise ValueError(f"inputs[{name!r}] has batch size {ts.batch_size}, others have {batch}")
         return batch
 
+    def align(self, inputs: Mapping[str, TokenSet]) -> dict[str, TokenSet]:
+        """Validate inputs (:meth:`check`) and promote them to one floating dtype.
+
+        The common dtype is ``torch.promote_types`` over every source's ``x`` and ``pos`` (float32 with
+        bfloat16 gives float32, float32 with float64 gives float64); sources already in it are returned
+        as they are. A fusion then behaves exactly as if every source had been passed in that dtype.
+
+        Raises:
+            As :meth:`check`.
+        """
+        self.check(inputs)
+        dtypes = [t.dtype for ts in inputs.values() for t in (ts.x, ts.pos) if t is not None and t.is_floating_point()]
+        common = functools.reduce(torch.promote_types, dtypes)
+        if all(d == common for d in dtypes):
+            return dict(inputs)
+        return {
+            name: dataclasses.replace(ts, x=ts.x.to(common), pos=None if ts.pos is None else ts.pos.to(common))
+            for name, ts in inputs.items()
+        }
+
     def forward(self, inputs: Mapping[str, TokenSet]) -> list[PreparedSource]:
-        """Prepared sources in sorted name order (absent ones only when ``missing_token``)."""
-        batch = self.check(inputs)
+        """Prepared sources in sorted name order (absent ones only when ``missing_token``), in one dtype (:meth:`align`)."""
+        inputs = self.align(inputs)
+        batch = next(iter(inputs.values())).batch_size
         ref = next(iter(inputs.values())).x
         prepared = []
         for i, name in enumerate(self.sources):

@@ -110,7 +110,7 @@ class HierarchicalFusion(nn.Module):
         """Fuse ``inputs``; see the class docstring. Maps are keyed ``"<source>.<i>"`` and ``"cross.<i>"``."""
         prepared = self.embed(inputs)
         weights: dict[str, torch.Tensor] = {}
-        ref = next(iter(inputs.values())).x
+        ref = next(iter(self.embed.align(inputs).values())).x  # batch, device and the common dtype
         batch, n_fusion = ref.shape[0], self.fusion_tokens.shape[0]
         xs = [self.fusion_tokens.to(ref.dtype).expand(batch, -1, -1)]
         masks = [torch.ones(batch, n_fusion, dtype=torch.bool, device=ref.device)]

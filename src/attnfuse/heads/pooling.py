@@ -19,14 +19,21 @@ def mean_pool(x: Tensor, mask: Tensor | None = None) -> Tensor:
     Shapes: ``x (B, N, D)``, ``mask (B, N)`` -> ``(B, D)``.
     """
     if mask is None:
-        return x.mean(dim=1)
+        return x.mean(dim=1) if x.shape[1] else x.sum(dim=1)  # no token: the empty sum, 0
     m = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
     total = zero_invalid(x, mask).sum(dim=1)
     return total / m.sum(dim=1).clamp_min(1.0)
 
 
 def first_token_pool(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """The first token (the fusion / CLS token, always present). Shapes: ``(B, N, D) -> (B, D)``."""
+    """The first token (the fusion / CLS token, always present). Shapes: ``(B, N, D) -> (B, D)``.
+
+    Raises:
+        ValueError: ``x`` has no token (``N = 0``): there is no first token to read.
+    """
+    if x.shape[1] == 0:
+        raise ValueError(f"first-token pooling ('fusion' / 'cls') needs at least one token, got x.shape={tuple(x.shape)} "
+                         "(B, N=0, D); use pooling='mean' or 'attention' (0 for a sample without tokens)")
     return x[:, 0]
 
 
@@ -48,8 +55,8 @@ class AttentionPool(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *, return_weights: bool = False):
         b, n, d = x.shape
-        k = self.key(x).reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
-        v = x.reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.key(x).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+        v = x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, H, N, Dh)
         q = self.query.to(x.dtype).expand(b, -1, -1, -1)  # (B, H, 1, Dh)
         out, w = dense_attention(q, k, v, key_mask=mask, return_weights=True)  # key_mask (B, N) -> (B, H, 1, Dh), (B, H, 1, N)
         out = out.transpose(1, 2).reshape(b, d)  # (B, D)

@@ -154,9 +154,10 @@ class Attention(nn.Module):
                 )
         v = self._split(self.to_v(kv if value is None else value))
         call = dict(self._options)
+        n_q, n_k = math.prod(x.shape[1:-1]), math.prod(kv.shape[1:-1])  # explicit: reshape cannot infer -1 when B = 0
         if key_mask is not None:
             # the key mask: (B, S) for sequence operators, (B, *grid) for grid operators
-            call["key_mask"] = key_mask.reshape(key_mask.shape[0], -1) if spec.layout == "sequence" else key_mask
+            call["key_mask"] = key_mask.reshape(key_mask.shape[0], n_k) if spec.layout == "sequence" else key_mask
         if pair_mask is not None:
             call["mask"] = pair_mask
         if bias is not None:
@@ -168,7 +169,6 @@ class Attention(nn.Module):
         out = out.movedim(1, -2)  # (B, *tokens or L, H, Dh)
         out = out.reshape(*x.shape[:-1], self.heads * self.head_dim)  # (B, *tokens, H*Dh)
         out = self.dropout(self.proj(out))
-        n_q, n_k = math.prod(x.shape[1:-1]), math.prod(kv.shape[1:-1])
         has_key = self._has_key(key_mask, pair_mask, call.get("is_causal") is True, x.shape[0], n_q, n_k)  # (B, L)
         if has_key is not None:
             out = out * has_key.reshape(*out.shape[:-1], 1).to(out.dtype)
@@ -180,7 +180,7 @@ class Attention(nn.Module):
         if key_mask is None and pair_mask is None:
             return None
         if self.spec.layout != "sequence":  # grid operators: zero only a sample without any key
-            return key_mask.reshape(b, -1).any(dim=1, keepdim=True).expand(b, n_q)
+            return key_mask.reshape(b, n_k).any(dim=1, keepdim=True).expand(b, n_q)
         device = pair_mask.device if key_mask is None else key_mask.device
         if pair_mask is not None:  # explicit (query, key) pairs: a query has a key if some head allows one
             allowed = pair_mask
@@ -190,7 +190,7 @@ class Attention(nn.Module):
                 allowed = allowed & torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()  # (L, S)
             allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))  # (B?, H?, L?, S?)
             return allowed.any(dim=-1).any(dim=1).expand(b, n_q)  # (B, L)
-        flat = key_mask.reshape(b, -1)  # (B, S)
+        flat = key_mask.reshape(b, n_k)  # (B, S)
         if not causal:
             return flat.any(dim=1, keepdim=True).expand(b, n_q)  # (B, L)
         # query i sees keys j <= i (top-left aligned): it has a key iff one of them is valid

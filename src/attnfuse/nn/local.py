@@ -13,6 +13,7 @@ over the values added to the attention output). Without those extras, ``nn.Atten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import halo_attention, routing_attention
 from attnfuse.ops.halo import halo_query_blocks, halo_relative_index
+from attnfuse.tokens import zero_invalid
 
 __all__ = ["HaloAttention", "RoutingAttention"]
 
@@ -180,10 +182,10 @@ class RoutingAttention(_GridAttention):
         result = routing_attention(q, k, v, self.regions, self.topk, key_mask=mask,
                                    scale=self.scale, return_weights=return_weights, backend=self.backend)
         out, weights = result if return_weights else (result, None)
-        if self.lepe is not None:
+        if self.lepe is not None and math.prod(q.shape[2:-1]):  # an empty grid has nothing to convolve
             v_cl = v.movedim(1, -2).flatten(-2)  # (B, *grid, H*Dh)
             if mask is not None:
-                v_cl = v_cl * mask.unsqueeze(-1).to(v_cl.dtype)
+                v_cl = zero_invalid(v_cl, mask)  # where, not a product: NaN at masked tokens cannot reach the conv
             local = self.lepe(v_cl.movedim(-1, 1)).movedim(1, -1)  # (B, *grid, H*Dh)
             out = out + local.unflatten(-1, (self.heads, self.head_dim)).movedim(-2, 1)  # (B, H, *grid, Dh)
         out = self._out(out)

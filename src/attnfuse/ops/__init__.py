@@ -26,6 +26,10 @@ Masks come in two kinds, with one meaning in every operator (booleans, ``True`` 
 Conventions shared by all operators:
 
 * A query with no allowed key returns exactly zero, and no gradient is NaN.
+* Masked positions never influence the result, NaN / inf included: keys and values no query may
+  attend are zeroed (``torch.where``) before any matmul, in every backend.
+* Empty in, empty out: ``B = 0``, no queries, no keys or an empty grid give results of the
+  documented shapes (zeros, ``lse = -inf``) without running a backend, with zero gradients.
 * ``bias`` is an additive score bias that receives gradients; its layout is the operator's (see its
   Shapes section); not every operator takes one.
 * An argument an operator does not take (a pair mask on a grid operator, ``bias=`` on routing, ...)

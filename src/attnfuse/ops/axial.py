@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._guards import empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.dense import dense_attention
@@ -143,5 +144,12 @@ def axial_attention(
     mask = check_key_mask("axial", key_mask, q.shape[0], q.shape[1], tuple(kgrid), legend="*grid_k")  # (B', H', *grid_k)
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
     impl = axial_attention.spec.choose_backend(backend, call)
+    b, h, dv = q.shape[0], q.shape[1], v.shape[-1]
+    if is_empty(b, h, *qgrid, *kgrid):  # nothing to compute; a query with no key gives 0
+        out, weights, _ = empty_like_result(
+            q, (b, h, *qgrid, dv), inputs=(q, k, v),
+            weights_shape=(b, h, math.prod(qgrid), math.prod(kgrid)) if return_weights else None,
+        )
+        return (out, weights) if return_weights else out
     out, weights = impl.fn(q, k, v, axis=axis, mask=mask, scale=scale, is_causal=is_causal, need_weights=return_weights)
     return (out, weights) if return_weights else out

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from attnfuse.ops._blocks import ceil_div
 from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._guards import drop_masked, drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.reference import masked_softmax
@@ -139,7 +140,7 @@ def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, 
     member_v = member & valid.unsqueeze(-2)  # (B', H', R, S) valid keys of each region
     count = member_v.sum(-1).to(compute)  # (B', H', R)
     avg = member_v.to(compute) / count.clamp(min=1).unsqueeze(-1)  # (B', H', R, S) averaging weights
-    k_bar, q_bar = avg @ k, avg @ q  # (B, H, R, D)
+    k_bar, q_bar = avg @ k, avg @ drop_masked(q, valid)  # (B, H, R, D); a masked query never reaches a mean
     pool, _ = masked_softmax((q_bar @ k.transpose(-2, -1) * scale).masked_fill(~member_v, float("-inf")))  # (B, H, R, S)
     s_direct = (q @ k.transpose(-2, -1) * scale).masked_fill(~(direct & valid.unsqueeze(-2)), float("-inf"))  # (B, H, L, S)
     s_summary = q @ k_bar.transpose(-2, -1) * scale  # (B, H, L, R)
@@ -161,7 +162,7 @@ def _summaries(qb, kb, vb, vm, scale, correction):
     w = vm.to(qb.dtype)
     count = w.sum(-1)  # (B', H', n)
     avg = (w / count.clamp(min=1).unsqueeze(-1)).unsqueeze(-1)  # (B', H', n, t, 1)
-    k_bar, q_bar = (kb * avg).sum(-2), (qb * avg).sum(-2)  # (B, H, n, D)
+    k_bar, q_bar = (kb * avg).sum(-2), (drop_masked(qb, vm) * avg).sum(-2)  # (B, H, n, D); masked queries never reach a mean
     s = torch.einsum("bhnd,bhntd->bhnt", q_bar, kb) * scale  # (B, H, n, t)
     pool, _ = masked_softmax(s.masked_fill(~vm, float("-inf")))
     v_bar = torch.einsum("bhnt,bhntv->bhnv", pool, vb)  # (B, H, n, Dv)
@@ -194,6 +195,7 @@ def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse):
     ``k_bar (B, H, s, n, D)``, ``log_count (B', H', s, n)``, ``v_bar (B, H, s, n, Dv)`` for region (column, row).
     """
     w = vmc.to(qc.dtype)
+    qc = drop_masked(qc, vmc)  # a masked query never reaches a mean (NaN there included)
     if reverse:
         qc, kc, w = qc.flip(-2), kc.flip(-2), w.flip(-1)
     count = w.cumsum(-1) - w  # (B', H', s, n) exclusive: rows strictly before
@@ -379,7 +381,15 @@ def combiner_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     call = Call.of(q, k, v, mask=key_mask, need_weights=return_weights, need_lse=return_lse)
     impl = combiner_attention.spec.choose_backend(backend, call)
-    out, weights, lse = impl.fn(q, k, v, mode=mode, block=block_size, is_causal=is_causal, key_mask=key_mask, scale=scale,
-                                correction=count_correction, need_weights=return_weights)
+    b, h = q.shape[:2]
+    if is_empty(b, h, length):  # nothing to compute
+        out, weights, lse = empty_like_result(
+            q, (b, h, length, v.shape[-1]), inputs=(q, k, v), weights_shape=(b, h, length, length) if return_weights else None,
+            lse_shape=(b, h, length) if return_lse else None,
+        )
+    else:
+        k, v = drop_masked_keys(k, v, key_mask)  # masked keys never reach a matmul (NaN there included)
+        out, weights, lse = impl.fn(q, k, v, mode=mode, block=block_size, is_causal=is_causal, key_mask=key_mask, scale=scale,
+                                    correction=count_correction, need_weights=return_weights)
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
     return (out, *extra) if extra else out

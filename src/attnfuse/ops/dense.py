@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnfuse.ops._checks import check_bias, check_key_mask, check_mask, check_qkv, key_mask_to_pairs
+from attnfuse.ops._guards import drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.reference import causal_mask, reference_attention
@@ -54,6 +55,22 @@ def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
     if row_ok is not None:
         out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out, None, None
+
+
+def _used_keys(mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device) -> Tensor | None:
+    """Keys some query may attend, ``(..., S)`` bool, or None when every key may be attended.
+
+    A key is unused if the pair mask excludes it for every query (a key mask is the pair mask
+    ``(B', H', 1, S)``, so this costs nothing there) or, with ``is_causal`` and ``S > L``, if it lies past
+    the last query.
+    """
+    used = None
+    if mask is not None:
+        used = mask if mask.dim() < 2 else mask.any(dim=-2)  # (B?, H?, S)
+    if is_causal and lk > lq:
+        before = torch.arange(lk, device=device) < lq  # (S,)
+        used = before if used is None else used & before
+    return used
 
 
 @operator("dense", backends=(
@@ -121,10 +138,19 @@ def dense_attention(
     check_bias(bias, target, q.dtype)
     call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights, need_lse=return_lse)
     impl = dense_attention.spec.choose_backend(backend, call)
-    out, weights, lse = impl.fn(
-        q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
-        need_weights=return_weights, need_lse=return_lse,
-    )
+    b, h, lq, lk = target
+    if is_empty(b, h, lq, lk):
+        out, weights, lse = empty_like_result(
+            q, (b, h, lq, v.shape[-1]), inputs=(q, k, v, bias), weights_shape=target if return_weights else None,
+            lse_shape=target[:3] if return_lse else None,
+        )
+    else:
+        used = _used_keys(mask, is_causal, lq, lk, q.device)  # (..., S) or None
+        k, v = drop_masked_keys(k, v, used)  # masked keys never reach a matmul (NaN there included)
+        out, weights, lse = impl.fn(
+            q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
+            need_weights=return_weights, need_lse=return_lse,
+        )
     if not (return_weights or return_lse):
         return out
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])

@@ -50,6 +50,7 @@ from attnfuse.ops._blocks import (
     windows,
 )
 from attnfuse.ops._checks import check_key_mask
+from attnfuse.ops._guards import drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 
@@ -213,5 +214,11 @@ def halo_attention(
         bias = bias.to(q.dtype)
     call = Call.of(q, k, v, mask=mask, bias=bias, need_weights=return_weights)
     impl = halo_attention.spec.choose_backend(backend, call)
+    b, h, n = q.shape[0], q.shape[1], math.prod(grid)
+    if is_empty(b, h, n):  # nothing to compute
+        out, weights, _ = empty_like_result(q, (b, h, *grid, v.shape[-1]), inputs=(q, k, v, bias),
+                                            weights_shape=(b, h, n, n) if return_weights else None)
+        return (out, weights) if return_weights else out
+    k, v = drop_masked_keys(k, v, mask)  # masked keys never reach a matmul (NaN there included)
     out, weights = impl.fn(q, k, v, block=block, halo=halo, mask=mask, bias=bias, scale=scale, need_weights=return_weights)
     return (out, weights) if return_weights else out

@@ -38,6 +38,7 @@ Equivalent dense formulation (backend ``"reference"``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -57,6 +58,7 @@ from attnfuse.ops._blocks import (
     valid_keys,
 )
 from attnfuse.ops._checks import check_key_mask
+from attnfuse.ops._guards import drop_masked, drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 
@@ -86,10 +88,11 @@ def route_regions(q: Tensor, k: Tensor, regions: Sequence[int], topk: int, mask:
     with torch.no_grad():
         if q.dtype in (torch.float16, torch.bfloat16):  # rank regions in float32, as the reference computes
             q, k = q.float(), k.float()
-        w = blockify(valid_keys(mask, grid, pads, q.device), size).to(q.dtype)  # (B', H', R, T)
-        count = w.sum(-1, keepdim=True)  # (B', H', R, 1)
-        q_reg = (blockify(pad_grid(q, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
-        k_reg = (blockify(pad_grid(k, pads), size) * w.unsqueeze(-1)).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
+        valid = blockify(valid_keys(mask, grid, pads, q.device), size)  # (B', H', R, T)
+        count = valid.sum(-1, keepdim=True).to(q.dtype)  # (B', H', R, 1)
+        # masked positions are left out with where (not a 0 weight), so NaN there cannot reach the means
+        q_reg = drop_masked(blockify(pad_grid(q, pads), size), valid).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
+        k_reg = drop_masked(blockify(pad_grid(k, pads), size), valid).sum(-2) / count.clamp(min=1)  # (B, H, R, D)
         affinity = torch.einsum("bhid,bhjd->bij", q_reg, k_reg)  # (B, R, R), summed over heads
         has_key = (count.squeeze(-1) > 0).any(dim=1)  # (B', R)
         affinity = affinity.masked_fill(~has_key.unsqueeze(1), float("-inf"))
@@ -193,11 +196,10 @@ def routing_attention(
     """
     grid = check_grid_qkv(q, k, v)
     regions = per_axis("regions", regions, len(grid), minimum=1)
-    if any(r > g for r, g in zip(regions, grid)):
+    n_tokens = math.prod(grid)
+    if n_tokens and any(r > g for r, g in zip(regions, grid)):
         raise ValueError(f"regions must be at most the grid extent on every axis, got regions={regions} for grid {grid}")
-    n_regions = 1
-    for r in regions:
-        n_regions *= r
+    n_regions = math.prod(regions)
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk must be an int, got {topk!r}")
     if not 1 <= topk <= n_regions:
@@ -205,7 +207,14 @@ def routing_attention(
     mask = check_key_mask("routing", key_mask, q.shape[0], q.shape[1], grid, legend="*grid")  # (B', H', *grid)
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
     impl = routing_attention.spec.choose_backend(backend, call)
-    idx = route_regions(q, k, regions, topk, mask)  # (B, R, topk)
-    out, weights = impl.fn(q, k, v, regions=regions, idx=idx, mask=mask, scale=scale, need_weights=return_weights)
+    b, h = q.shape[:2]
+    if is_empty(b, h, n_tokens):  # nothing to compute; an empty grid has only empty regions, routed to the first topk
+        out, weights, _ = empty_like_result(q, (b, h, *grid, v.shape[-1]), inputs=(q, k, v),
+                                            weights_shape=(b, h, n_tokens, n_tokens) if return_weights else None)
+        idx = torch.arange(topk, device=q.device).expand(b, n_regions, topk)  # (B, R, topk)
+    else:
+        k, v = drop_masked_keys(k, v, mask)  # masked keys never reach a matmul (NaN there included)
+        idx = route_regions(q, k, regions, topk, mask)  # (B, R, topk)
+        out, weights = impl.fn(q, k, v, regions=regions, idx=idx, mask=mask, scale=scale, need_weights=return_weights)
     extra = ([weights] if return_weights else []) + ([idx] if return_routing else [])
     return (out, *extra) if extra else out

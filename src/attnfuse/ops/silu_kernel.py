@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnfuse.ops._checks import check_key_mask, check_mask, check_qkv, key_mask_to_pairs
+from attnfuse.ops._guards import drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
 
@@ -117,5 +118,13 @@ def silu_kernel_attention(
         raise ValueError(f"drop_ratio must be a number in [0, 1), got {drop_ratio!r}")
     call = Call.of(q, k, v, mask=mask, need_weights=return_weights)
     impl = silu_kernel_attention.spec.choose_backend(backend, call)
+    (b, h, lq, _), lk = q.shape, k.shape[2]
+    if is_empty(b, h, lq, lk):  # nothing to compute (no keys: every row is empty and gives 0)
+        out, weights, _ = empty_like_result(q, (b, h, lq, v.shape[-1]), inputs=(q, k, v),
+                                            weights_shape=(b, h, lq, lk) if return_weights else None)
+        return (out, weights) if return_weights else out
+    if mask is not None:  # keys no query may use never reach a matmul (NaN there included)
+        used = mask if mask.dim() < 2 else mask.any(dim=-2)  # (B?, H?, S)
+        k, v = drop_masked_keys(k, v, used)
     out, weights = impl.fn(q, k, v, mask=mask, drop_ratio=float(drop_ratio), need_weights=return_weights)
     return (out, weights) if return_weights else out

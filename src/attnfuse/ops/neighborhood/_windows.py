@@ -101,7 +101,7 @@ def make_geometry(grid: Sequence[int], kernel_size, dilation=1, is_causal=False)
     Raises:
         TypeError: arguments of the wrong type.
         ValueError: even or non-positive kernel sizes, dilation < 1, ``kernel * dilation`` larger
-            than the grid extent on some axis, or tuples of the wrong length.
+            than the grid extent on some axis of a non-empty grid, or tuples of the wrong length.
     """
     grid = tuple(int(n) for n in grid)
     rank = len(grid)
@@ -117,6 +117,8 @@ def make_geometry(grid: Sequence[int], kernel_size, dilation=1, is_causal=False)
         raise ValueError(f"kernel_size must be odd and >= 1 on every axis (NATTEN's centred windows), got kernel_size={kernel}")
     if any(d < 1 for d in dil):
         raise ValueError(f"dilation must be >= 1 on every axis, got dilation={dil}")
+    if math.prod(grid) == 0:  # an empty grid has no queries: any window fits (the operator returns an empty result)
+        return Geometry(grid, kernel, dil, causal)
     for axis, (n, k, d) in enumerate(zip(grid, kernel, dil)):
         if k > n:
             raise ValueError(f"kernel_size {k} is larger than the grid extent {n} on axis {axis} (grid={grid})")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from attnfuse.ops._checks import check_key_mask, check_qkv
+from attnfuse.ops._guards import drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Call
 from attnfuse.ops.dense import dense_attention
@@ -229,6 +230,17 @@ def neighborhood_attention(
     base = Call.of(q, k, v, rpb, extra_k, extra_v, mask=mask_n, bias=bias_n, need_weights=return_weights, need_lse=return_lse)
     call = NACall.make(base, has_rpb=rpb is not None, has_extra=extra_k is not None, rank=geom.rank)
     impl = neighborhood_attention.spec.choose_backend(backend, call)
+    if is_empty(b, h, geom.num_tokens):  # nothing to compute
+        num_extra = 0 if extra_k is None else extra_k.shape[2]
+        out, weights, lse = empty_like_result(
+            q, (b, h, *geom.grid, v.shape[-1]), inputs=(q, k, v, bias, rpb, extra_k, extra_v),
+            weights_shape=(b, h, *geom.grid, geom.window_size + num_extra) if return_weights else None,
+            lse_shape=(b, h, *geom.grid) if return_lse else None,
+        )
+        return _result(out, weights, lse, return_weights, return_lse)
+    if mask_n is not None:  # masked keys never reach a matmul (NaN there included)
+        keep = mask_n.reshape(*mask_n.shape[:2], *geom.grid)  # (Bm, Hm, *grid)
+        k, v = drop_masked_keys(k, v, keep)
     merge = extra_k is not None and impl.extra == "merge"
     out, weights, lse = impl.fn(
         q, k, v, geom, scale=scale, mask=mask_n, bias=bias_n, rpb=rpb,
@@ -240,6 +252,10 @@ def neighborhood_attention(
         out_e, lse_e = dense_attention(q.reshape(b, h, n, -1), extra_k, extra_v, scale=scale, return_lse=True, backend="reference")
         out_m, lse_m = merge_attention([out.reshape(b, h, n, dv), out_e], [lse.reshape(b, h, n), lse_e])  # (B, H, N, Dv), (B, H, N)
         out, lse = out_m.view(b, h, *geom.grid, dv), lse_m.view(b, h, *geom.grid)
+    return _result(out, weights, lse, return_weights, return_lse)
+
+
+def _result(out: Tensor, weights: Tensor | None, lse: Tensor | None, return_weights: bool, return_lse: bool):
     if not (return_weights or return_lse):
         return out
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
