@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from attnfuse._lookup import lookup
 from attnfuse.data import catalog
 from attnfuse.data.datasets import load_mfeat, load_nutrimouse, load_womens_clothing, womens_clothing_schema
 from attnfuse.data.preprocess import embed_text_inputs
@@ -82,12 +83,7 @@ def register_dataset(name: str, *, summary: str, files: str | None = None,
 
 def get_dataset(name: str) -> DatasetSpec:
     """Look up a data set. Raises ``KeyError`` listing the registered names (with a close match)."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown dataset {name!r}{hint}; datasets: {list_datasets()}") from None
+    return lookup(DATASETS, name, "dataset", listing="datasets")
 
 
 def list_datasets() -> list[str]:

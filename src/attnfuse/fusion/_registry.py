@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from attnfuse._lookup import lookup
+
 __all__ = [
     "BLOCKS", "FUSIONS", "OUTPUTS", "SYMMETRIES", "get_block", "get_fusion", "list_blocks", "list_fusions",
     "register_block", "register_fusion",
@@ -78,11 +80,8 @@ def _check_free(name: str) -> None:
 
 def get_fusion(name: str) -> type:
     """Look up a fusion class. Raises ``KeyError`` listing the registered names."""
-    try:
-        return FUSIONS[name]
-    except KeyError:
-        hint = f" ({name!r} is a building block: attnfuse.fusion.get_block)" if name in BLOCKS else ""
-        raise KeyError(f"unknown fusion {name!r}{hint}; registered fusions: {list_fusions()}") from None
+    note = f" ({name!r} is a building block: attnfuse.fusion.get_block)" if name in BLOCKS else ""
+    return lookup(FUSIONS, name, "fusion", listing="registered fusions", note=note)
 
 
 def list_fusions() -> list[str]:
@@ -92,11 +91,8 @@ def list_fusions() -> list[str]:
 
 def get_block(name: str) -> type:
     """Look up a building block class. Raises ``KeyError`` listing the registered names."""
-    try:
-        return BLOCKS[name]
-    except KeyError:
-        hint = f" ({name!r} is a fusion: attnfuse.fusion.get_fusion)" if name in FUSIONS else ""
-        raise KeyError(f"unknown building block {name!r}{hint}; registered blocks: {list_blocks()}") from None
+    note = f" ({name!r} is a fusion: attnfuse.fusion.get_fusion)" if name in FUSIONS else ""
+    return lookup(BLOCKS, name, "building block", listing="registered blocks", note=note)
 
 
 def list_blocks() -> list[str]:

@@ -9,7 +9,6 @@ task = one file with a ``@register_task`` subclass, plus its test.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
@@ -17,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torchmetrics
 from torch import Tensor, nn
+
+from attnfuse._lookup import lookup
 
 __all__ = ["TASKS", "TargetInfo", "Task", "get_task", "list_tasks", "register_task"]
 
@@ -150,12 +151,7 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def get_task(name: str) -> type[Task]:
     """Look up a task class. Raises ``KeyError`` listing the registered names (with a close match)."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown task {name!r}{hint}; registered tasks: {list_tasks()}") from None
+    return lookup(TASKS, name, "task", listing="registered tasks")
 
 
 def list_tasks() -> list[str]:
