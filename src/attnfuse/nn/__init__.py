@@ -1,5 +1,6 @@
 """Modules with parameters built on :mod:`attnfuse.ops` operators."""
 
+from attnfuse.nn._registry import MODULES, get_module, list_modules, register_module
 from attnfuse.nn.attention import Attention
 from attnfuse.nn.factorized import FactorizedEncoder
 from attnfuse.nn.local import HaloAttention, RoutingAttention
@@ -7,5 +8,16 @@ from attnfuse.nn.neighborhood import NeighborhoodAttention
 from attnfuse.nn.transformer import MLP, Encoder, TransformerBlock
 
 __all__ = [
-    "MLP", "Attention", "Encoder", "FactorizedEncoder", "HaloAttention", "NeighborhoodAttention", "RoutingAttention", "TransformerBlock",
+    "MLP",
+    "MODULES",
+    "Attention",
+    "Encoder",
+    "FactorizedEncoder",
+    "HaloAttention",
+    "NeighborhoodAttention",
+    "RoutingAttention",
+    "TransformerBlock",
+    "get_module",
+    "list_modules",
+    "register_module",
 ]
