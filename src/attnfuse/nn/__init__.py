@@ -1,5 +1,6 @@
 """Modules with parameters built on :mod:`attnfuse.ops` operators."""
 
+from attnfuse.nn import _builtin  # noqa: F401  (registry entries of the modules above)
 from attnfuse.nn._registry import MODULES, get_module, list_modules, register_module
 from attnfuse.nn.attention import Attention
 from attnfuse.nn.factorized import FactorizedEncoder
