@@ -85,3 +85,14 @@ def test_compile_matches_eager_and_exports(name):
     again = _outputs(exported.module()(*args))
     for g, w in zip(again, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_lists_and_describes_every_module(capsys):
+    from attnfuse.cli import main
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out.split("modules (", 1)[1]
+    for name in NAMES:
+        assert name in listed, f"attnfuse list does not show module {name!r}"
+        assert main(["describe", name]) == 0
+        assert MODULES[name].cls.__name__ in capsys.readouterr().out

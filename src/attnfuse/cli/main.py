@@ -32,10 +32,11 @@ _DISTRIBUTIONS = {"yaml": "pyyaml", "sentence_transformers": "sentence-transform
 def _core_registries() -> dict[str, dict]:
     """The registries of the core install (torch only): kind -> {name: object}."""
     from attnfuse import fusion
+    from attnfuse.nn import MODULES
     from attnfuse.ops import OPERATORS
 
     return {"operator": {k: v.fn for k, v in OPERATORS.items()}, "fusion": dict(fusion.FUSIONS),
-            "block": dict(getattr(fusion, "BLOCKS", {}))}
+            "block": dict(getattr(fusion, "BLOCKS", {})), "module": {k: v.cls for k, v in MODULES.items()}}
 
 
 def _train_registries() -> dict[str, dict]:
@@ -77,6 +78,14 @@ def _list(_: argparse.Namespace) -> int:
         print("fusion building blocks (Python: attnfuse.fusion; not fusions of named inputs):")
         for name, cls in sorted(core["block"].items()):
             print(f"  {name:<16} {cls.__name__}")
+    if core["module"]:
+        from attnfuse.nn import MODULES
+
+        print("modules (Python: attnfuse.nn.get_module(NAME).cls, by group):")
+        for group in sorted({spec.group for spec in MODULES.values()}):
+            names = sorted(n for n, spec in MODULES.items() if spec.group == group)
+            head = f"  {group:<16} "
+            print(head + textwrap.fill(", ".join(names), width=max(width - len(head), 40), subsequent_indent=" " * len(head)))
     try:
         train = _train_registries()
     except ModuleNotFoundError as err:
