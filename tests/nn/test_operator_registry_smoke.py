@@ -12,6 +12,7 @@ from attnfuse.ops import OPERATORS
 MINIMAL_OPTIONS = {
     "dense": {},
     "silu_kernel": {},
+    "kernel": {"similarity": "taylor"},
     "combiner": {"mode": "fixed", "block_size": 4},
     "axial": {"axis": 1},
     "halo": {"block_size": 2, "halo_size": 1},

@@ -31,6 +31,7 @@ H, D, DV = 2, 4, 3
 CASES = {
     "dense": {"options": {}, "queries": (5,), "keys": (7,)},
     "silu_kernel": {"options": {"drop_ratio": 0.2}, "queries": (5,), "keys": (7,)},
+    "kernel": {"options": {"similarity": "taylor"}, "queries": (5,), "keys": (7,)},
     "combiner": {"options": {"mode": "fixed", "block_size": 3}, "queries": (8,), "keys": (8,)},
     "axial": {"options": {"axis": 1}, "queries": (3, 4), "keys": (3, 5)},
     "halo": {"options": {"block_size": 2, "halo_size": 1}, "queries": (5, 4), "keys": (5, 4)},

@@ -26,6 +26,7 @@ B, H, D = 2, 2, 4
 CASES = {
     "dense": {"options": {}, "queries": (5,), "keys": (7,), "normalized": True},
     "silu_kernel": {"options": {"drop_ratio": 0.2}, "queries": (5,), "keys": (7,), "normalized": False},
+    "kernel": {"options": {"similarity": "taylor"}, "queries": (5,), "keys": (7,), "normalized": True},
     "combiner": {"options": {"mode": "fixed", "block_size": 3}, "queries": (8,), "keys": (8,), "normalized": True},
     "axial": {"options": {"axis": 1}, "queries": (3, 4), "keys": (3, 5), "normalized": True},
     "halo": {"options": {"block_size": 2, "halo_size": 1}, "queries": (5, 4), "keys": (5, 4), "normalized": True},

@@ -68,6 +68,7 @@ from attnfuse.ops.evidential import (
     opinion_from_evidence,
 )
 from attnfuse.ops.halo import halo_attention
+from attnfuse.ops.kernel import kernel_attention
 from attnfuse.ops.merge import merge_attention
 from attnfuse.ops.neighborhood import neighborhood_attention
 from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
@@ -91,6 +92,7 @@ __all__ = [
     "dense_attention",
     "get_operator",
     "halo_attention",
+    "kernel_attention",
     "list_operators",
     "masked_softmax",
     "merge_attention",
