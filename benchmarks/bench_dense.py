@@ -8,6 +8,12 @@ busy shared machine disturbs least). A ``key-padding`` variant passes a ``(B, 1,
 Useful FLOPs (no recomputation, no softmax): forward ``4 B H L S D`` (``Q K^T`` and ``P V``),
 backward ``8 B H L S D`` (``dV``, ``dP``, ``dQ``, ``dK``).
 
+Log-sum-exp (issue 13, item 9): ``op = dense+lse`` rows time ``return_lse=True`` on the fused kernels
+(``auto lse``) and on the reference backend that served it before (``reference lse (before)``, only at
+L <= 1024: it materialises ``(B, H, L, S)``) against the same call without the log-sum-exp (``auto``);
+the forward+backward loss uses both ``out`` and ``lse`` (as ring attention and merging do), and
+``ratio`` is relative to ``auto``.
+
 Run: ``python -m benchmarks.bench_dense [--quick]`` or ``python -m benchmarks.run``.
 """
 
@@ -82,6 +88,43 @@ def main(quick: bool = False, device: str | None = None) -> list[dict]:
                         **{"pass": pass_name},
                         **({"mem_mb": t["mem_mb"]} if "mem_mb" in t else {}),
                     ))
+    records += _lse_records(dev, lengths, quick)
+    return records
+
+
+def _lse_records(dev: torch.device, lengths: tuple[int, ...], quick: bool) -> list[dict]:
+    b, h, d, dtype = 1, 8, 64, torch.float32
+    records = []
+    for length in lengths:
+        g = torch.Generator(device=dev).manual_seed(length + 1)
+        q, k, v = (torch.randn(b, h, length, d, device=dev, dtype=dtype, generator=g, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(b, h, length, d, device=dev, dtype=dtype, generator=g)
+        grad_lse = torch.randn(b, h, length, device=dev, dtype=dtype, generator=g)
+
+        def call(backend: str, lse: bool, grad: bool):
+            def run():
+                with torch.set_grad_enabled(grad):
+                    res = dense_attention(q, k, v, return_lse=lse, backend=backend)
+                    if not grad:
+                        return res
+                    outs, grads = ((res[0], res[1]), (grad_out, grad_lse)) if lse else ((res,), (grad_out,))
+                    return torch.autograd.grad(outs, (q, k, v), grads)
+
+            return run
+
+        for pass_name, grad in (("fwd", False), ("fwd+bwd", True)):
+            fns = {"auto": call("auto", False, grad), "auto lse": call("auto", True, grad)}
+            if length <= 1024:
+                fns["reference lse (before)"] = call("reference", True, grad)
+            big = length >= 4096
+            timings = time_interleaved(fns, device=dev, warmup=1 if big else 2, repeat=7 if quick else (5 if big else 15))
+            for name, t in timings.items():
+                records.append(record(
+                    op="dense+lse", backend=name, variant="none", shape=(b, h, length, d), dtype=dtype, device=dev,
+                    ms=t["ms"], min_ms=t["min_ms"], iqr_ms=t["iqr_ms"],
+                    ratio=t["ms"] / timings["auto"]["ms"], ratio_min=t["min_ms"] / timings["auto"]["min_ms"],
+                    **{"pass": pass_name},
+                ))
     return records
 
 

@@ -239,15 +239,15 @@ def test_return_weights_and_lse(oracle, tol):
     assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
 
 
-def test_auto_picks_sdpa_unless_weights_or_lse(monkeypatch, backend_spy):
+def test_auto_picks_sdpa_unless_weights(monkeypatch, backend_spy):
     spy = backend_spy("dense")
     q, k, v = make_qkv(1, 2, 4, 4, 3, 3)
     ops.dense_attention(q, k, v)
     with torch.no_grad():
         ops.dense_attention(q, k, v)
     ops.dense_attention(q, k, v, return_weights=True)
-    ops.dense_attention(q, k, v, return_lse=True)
-    assert spy.used == ["sdpa", "sdpa", "reference", "reference"]
+    ops.dense_attention(q, k, v, return_lse=True)  # the fused kernels return the log-sum-exp (test_dense_lse.py)
+    assert spy.used == ["sdpa", "sdpa", "reference", "sdpa"]
 
 
 def test_unknown_backend_lists_valid_names():
@@ -256,7 +256,7 @@ def test_unknown_backend_lists_valid_names():
         ops.dense_attention(q, k, v, backend="nope")
 
 
-@pytest.mark.parametrize(("flag", "reason"), [("return_weights", "attention weights"), ("return_lse", "the log-sum-exp")])
+@pytest.mark.parametrize(("flag", "reason"), [("return_weights", "attention weights")])
 def test_named_backend_that_cannot_serve_the_call(flag, reason):
     q, k, v = make_qkv(1, 1, 2, 2, 2, 2)
     with pytest.raises(ValueError, match=f"backend 'sdpa' of operator 'dense' cannot run this call: cannot return {reason}"):

@@ -14,6 +14,7 @@ from torch import Tensor
 from attnfuse.ops._checks import check_bias, check_key_mask, check_mask, check_qkv, key_mask_to_pairs
 from attnfuse.ops._guards import drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
+from attnfuse.ops._sdpa_lse import fused_lse_supported, sdpa_with_lse
 from attnfuse.ops.backends import Backend, Call
 from attnfuse.ops.reference import causal_mask, reference_attention
 
@@ -35,6 +36,9 @@ def _at_least_2d(t: Tensor | None) -> Tensor | None:
 def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
     # SDPA gives no guarantee for rows with no allowed key (NaN on some kernels), so such rows get
     # every key unmasked for the kernel and are zeroed afterwards; their gradient is then exactly 0.
+    if need_lse and not _fused_lse_fits(q, bias):
+        return _reference(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
+                          need_weights=need_weights, need_lse=need_lse)
     row_ok = None
     mask, bias = _at_least_2d(mask), _at_least_2d(bias)
     if is_causal and (mask is not None or bias is not None):
@@ -51,10 +55,28 @@ def _sdpa(q, k, v, *, mask, bias, scale, is_causal, need_weights, need_lse):
     if bias is not None:
         bias = bias.to(q.dtype)  # SDPA rejects a float mask of another dtype; the reference casts too
         attn_mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    lse = None
+    if need_lse:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # the aten kernels take a float mask
+            attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        out, lse = sdpa_with_lse(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     if row_ok is not None:
         out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out, None, None
+        if lse is not None:
+            lse = torch.where(row_ok.squeeze(-1), lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    return out, None, lse
+
+
+def _fused_lse_fits(q: Tensor, bias: Tensor | None) -> bool:
+    """Whether the fused kernels can return the log-sum-exp for this call.
+
+    They need a supported device and dtype, and take no gradient for ``bias``; otherwise the call runs
+    on the reference path (exact, O(L S) memory).
+    """
+    bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    return fused_lse_supported(q) and not bias_grad
 
 
 def _used_keys(mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device) -> Tensor | None:
@@ -74,7 +96,7 @@ def _used_keys(mask: Tensor | None, is_causal: bool, lq: int, lk: int, device: t
 
 
 @operator("dense", backends=(
-    Backend("sdpa", _sdpa),
+    Backend("sdpa", _sdpa, lse=True),
     Backend("reference", _reference, weights=True, lse=True),
 ))
 def dense_attention(
