@@ -271,7 +271,10 @@ def test_bf16_tiled_close_to_float64_reference(kernel):
 @pytest.mark.parametrize(
     "shape,kwargs,match",
     [
-        ((1, 1, 9, 4), {"kernel_size": 4}, "odd"),
+        ((1, 1, 9, 4), {"kernel_size": 0}, "kernel_size must be >= 1"),
+        ((1, 1, 9, 4), {"kernel_size": 4, "stride": 5}, "stride must be in"),
+        ((1, 1, 9, 4), {"kernel_size": 4, "stride": 0}, "stride must be in"),
+        ((1, 1, 9, 4), {"kernel_size": 4, "border": "pad"}, "border must be one of"),
         ((1, 1, 9, 4), {"kernel_size": 11}, "larger than the grid"),
         ((1, 1, 9, 4), {"kernel_size": 5, "dilation": 2}, "exceeds the grid"),
         ((1, 1, 9, 4), {"kernel_size": 3, "dilation": 0}, "dilation"),

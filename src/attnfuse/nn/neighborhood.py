@@ -20,16 +20,21 @@ class NeighborhoodAttention(nn.Module):
     """Multi-head neighborhood self-attention on a channels-last token grid.
 
     Every token attends to its ``kernel_size`` neighbours per axis (NATTEN's window rule: shifted
-    at the borders, dilation groups, optional causal axes); optional ``context`` tokens act as
-    extra global keys seen by every query.
+    at the borders, dilation groups, optional causal axes, odd or even kernels); optional
+    ``context`` tokens act as extra global keys seen by every query. ``stride`` groups queries that
+    share one window (Generalized Neighborhood Attention); ``kernel_size = b + 2h, stride = b,
+    border="clip"`` is HaloNet's blocked attention (block ``b``, halo ``h``).
 
     Args:
         dim: channel width ``C``.
         heads: number of heads; ``dim`` must be divisible by it unless ``head_dim`` is given.
-        kernel_size: odd window size, one int or one per axis.
+        kernel_size: window size (odd or even), one int or one per axis.
         rank: grid dimension (1, 2 or 3); defaults to ``len(kernel_size)`` for a tuple, else 2.
         dilation: one int or one per axis.
         is_causal: one bool or one per axis.
+        stride: queries per shared window, ``1 <= stride <= kernel_size``, one int or one per axis.
+        border: ``"shift"`` (NATTEN, windows shifted inward at the grid border) or ``"clip"``
+            (windows cut at the border, HaloNet's masked padding).
         rel_pos_bias: learn a relative-position bias ``(heads, 2k_0 - 1, ...)`` (non-causal only).
         head_dim: per-head width (default ``dim // heads``).
         qkv_bias: bias in the q/k/v projections.
@@ -62,6 +67,8 @@ class NeighborhoodAttention(nn.Module):
         rank: int | None = None,
         dilation: int | tuple[int, ...] = 1,
         is_causal: bool | tuple[bool, ...] = False,
+        stride: int | tuple[int, ...] = 1,
+        border: str = "shift",
         rel_pos_bias: bool = True,
         head_dim: int | None = None,
         qkv_bias: bool = True,
@@ -89,6 +96,12 @@ class NeighborhoodAttention(nn.Module):
                              "pass rel_pos_bias=False")
         self.heads, self.head_dim, self.rank = heads, head_dim, rank
         self.kernel_size, self.dilation, self.is_causal = kernel, dilation, is_causal
+        strides = stride if isinstance(stride, (tuple, list)) else (stride,) * rank
+        if len(strides) != rank or any(not isinstance(st, int) or st < 1 or st > k for st, k in zip(strides, kernel)):
+            raise ValueError(f"stride must be one int or {rank} ints in [1, kernel_size], got stride={stride!r}, kernel_size={kernel}")
+        if border not in ("shift", "clip"):
+            raise ValueError(f"border must be 'shift' or 'clip', got border={border!r}")
+        self.stride, self.border = tuple(strides), border
         self.scale, self.backend = scale, backend
         dd = {"device": device, "dtype": dtype}
         inner = heads * head_dim
@@ -125,7 +138,7 @@ class NeighborhoodAttention(nn.Module):
             _, extra_k, extra_v = (self._heads(t) for t in self.to_qkv(context).chunk(3, dim=-1))  # (B, H, S, Dh)
         result = neighborhood_attention(
             q, k, v, self.kernel_size, dilation=self.dilation, is_causal=self.is_causal,
-            key_mask=mask, rpb=self.rpb, extra_k=extra_k, extra_v=extra_v,
+            stride=self.stride, border=self.border, key_mask=mask, rpb=self.rpb, extra_k=extra_k, extra_v=extra_v,
             scale=self.scale, return_weights=return_weights, backend=self.backend,
         )
         out, weights = result if return_weights else (result, None)

@@ -19,11 +19,15 @@ class NACall(Call):
     has_rpb: bool = False
     has_extra: bool = False
     rank: int = 1
+    clip: bool = False
+    unit_kernel: bool = False
 
     @classmethod
-    def make(cls, base: Call, *, has_rpb: bool, has_extra: bool, rank: int) -> NACall:
+    def make(
+        cls, base: Call, *, has_rpb: bool, has_extra: bool, rank: int, clip: bool = False, unit_kernel: bool = False
+    ) -> NACall:
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Call)}
-        return cls(**fields, has_rpb=has_rpb, has_extra=has_extra, rank=rank)
+        return cls(**fields, has_rpb=has_rpb, has_extra=has_extra, rank=rank, clip=clip, unit_kernel=unit_kernel)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class NABackend(Backend):
             (``None`` = wherever ``lse`` / ``grad`` say).
         unavailable: returns why the backend cannot run at all here (e.g. a missing package),
             or ``None``; checked at call time, never at import.
+        clip: supports ``border="clip"`` (windows cut at the grid border instead of shifted).
+        unit_kernel: supports a kernel size of 1 on some axis.
     """
 
     masks: bool = True
@@ -52,6 +58,8 @@ class NABackend(Backend):
     lse_devices: frozenset[str] | None = None
     grad_devices: frozenset[str] | None = None
     unavailable: Callable[[], str | None] | None = None
+    clip: bool = True
+    unit_kernel: bool = True
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         if self.unavailable is not None:
@@ -69,6 +77,10 @@ class NABackend(Backend):
             reasons.append("no relative-position bias (rpb)")
         if call.has_rpb and call.requires_grad and not self.rpb_grad:
             reasons.append("no gradient through the relative-position bias")
+        if call.clip and not self.clip:
+            reasons.append('no border="clip" (windows are always shifted inward)')
+        if call.unit_kernel and not self.unit_kernel:
+            reasons.append("no kernel_size 1")
         if call.has_extra and self.extra is None:
             reasons.append("no extra keys")
         needs_lse = call.need_lse or (call.has_extra and self.extra == "merge")

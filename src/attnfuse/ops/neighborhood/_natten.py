@@ -1,7 +1,9 @@
 """Backend that calls the ``natten`` package (NATTEN >= 0.20 functional API) when it is importable.
 
 NATTEN is heads-last ``(B, *grid, H, D)``; this backend transposes at its edges. NATTEN >= 0.20 has
-no relative-position bias and no key mask, so calls with either go to another backend. The
+no relative-position bias and no key mask, NATTEN only shifts windows inward (no ``border="clip"``)
+and needs kernel sizes >= 2, so calls with any of these go to another backend. Even kernels and
+``stride`` are passed through (NATTEN >= 0.20). The
 package is looked up when a call is dispatched, never at import.
 """
 
@@ -48,7 +50,7 @@ def natten_neighborhood(
             "additional_values": extra_v.transpose(1, 2).contiguous(),
         }
     result = fn(
-        q_l, k_l, v_l, kernel_size=geom.kernel, dilation=geom.dilation, is_causal=geom.causal,
+        q_l, k_l, v_l, kernel_size=geom.kernel, stride=geom.stride, dilation=geom.dilation, is_causal=geom.causal,
         scale=scale, return_lse=need_lse, **extra,
     )
     out, lse = result if need_lse else (result, None)

@@ -3,7 +3,7 @@
 The grid is flattened in *tile order* (dilation groups first, then tiles of 8x16 (2-D) or 4x4x8
 (3-D) group positions, then positions inside a tile), so that each 128-token block of the flat
 sequence is a compact patch and the block mask skips most block pairs. ``mask_mod`` evaluates the
-window rule of :mod:`._windows` through per-token lookup tables (window bounds, group id); a relative-position
+window rule of :mod:`._windows` (any kernel, stride, border) through per-token lookup tables (window bounds, group id); a relative-position
 bias and a key mask are a ``score_mod``; extra keys are appended to the key sequence and allowed
 for every query, so no merge is needed.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnfuse.ops.neighborhood._windows import Geometry, window_start
+from attnfuse.ops.neighborhood._windows import Geometry, window_bounds
 from attnfuse.ops.neighborhood.tiled import _gather_rows
 
 __all__ = ["flex_neighborhood", "flex_plan"]
@@ -101,10 +101,10 @@ def flex_plan(geom: Geometry, num_extra: int, device: torch.device) -> FlexPlan:
     # up tables: the first / last window key of each query per axis (absolute coordinates; along
     # an axis the window is every d-th position between them) and one dilation-group id.
     lo, hi = [], []
-    for c, g, k, d, causal in zip(coords, geom.grid, geom.kernel, geom.dilation, geom.causal):
-        first = window_start(c, g, k, d, causal) * d + c % d
-        lo.append(first)
-        hi.append(c if causal else first + (k - 1) * d)
+    for c, (g, k, d, causal, st, clip) in zip(coords, geom.axes()):
+        first, last = window_bounds(c, g, k, d, causal, st, clip)  # group coordinates
+        lo.append(first * d + c % d)
+        hi.append(last * d + c % d)
     group: Tensor | None = None
     if any(d > 1 for d in geom.dilation):
         group = torch.zeros_like(order)

@@ -64,7 +64,7 @@ _CUDA = frozenset({"cuda"})
 _BACKENDS = (
     NABackend(
         "natten", _natten, dtypes=_FLOATS, lse=True, masks=False, score_bias=False, rpb=False, extra="native",
-        grad_devices=_CUDA, auto_devices=_CUDA, unavailable=natten_unavailable,
+        grad_devices=_CUDA, auto_devices=_CUDA, unavailable=natten_unavailable, clip=False, unit_kernel=False,
     ),
     NABackend(
         "flex", _flex, dtypes=_FLOATS, lse=True, score_bias=False, rpb_grad=False, extra="native",
@@ -140,6 +140,8 @@ def neighborhood_attention(
     *,
     dilation: int | tuple[int, ...] = 1,
     is_causal: bool | tuple[bool, ...] = False,
+    stride: int | tuple[int, ...] = 1,
+    border: str = "shift",
     key_mask: Tensor | None = None,
     bias: Tensor | None = None,
     rpb: Tensor | None = None,
@@ -155,17 +157,28 @@ def neighborhood_attention(
     Each query attends to the ``kernel_size`` keys per axis around it, in its dilation group;
     near a border the window is shifted to stay inside the grid (never padded), so every query
     sees exactly ``prod(kernel_size)`` keys, except along causal axes, where the window ends at the
-    query and is truncated near the start. Extra (global) keys are seen by every query and merged
-    exactly through the log-sum-exp (neighborhood cross-attention).
+    query and is truncated near the start. An even kernel ``2r`` sees ``r`` keys before the centre
+    and ``r - 1`` after it (NATTEN >= 0.17.5). With ``stride`` (Generalized Neighborhood Attention,
+    NATTEN >= 0.20) the queries of each stride group share the window of their leader; ``stride =
+    kernel_size`` is blocked attention. ``border="clip"`` cuts windows at the grid instead of
+    shifting them (HaloNet's masked zero padding: ``kernel_size = b + 2h, stride = b`` is
+    ``halo_attention(block_size=b, halo_size=h)``). Extra (global) keys are seen by every query and
+    merged exactly through the log-sum-exp (neighborhood cross-attention). The exact rule is in
+    :mod:`attnfuse.ops.neighborhood._windows`.
 
     Args:
         q: queries ``(B, H, L, D)``, ``(B, H, X, Y, D)`` or ``(B, H, X, Y, Z, D)``; the rank gives
             the grid dimension.
         k: keys, same shape as ``q``.
         v: values ``(B, H, *grid, Dv)``.
-        kernel_size: odd window size, one int or one per axis.
+        kernel_size: window size (>= 1, odd or even), one int or one per axis.
         dilation: distance between window keys, one int or one per axis.
         is_causal: causal flag, one bool or one per axis.
+        stride: queries per stride group sharing one window (``1 <= stride <= kernel_size``), one
+            int or one per axis; 1 is plain neighborhood attention.
+        border: ``"shift"`` (NATTEN: border windows shifted inward, always ``kernel_size`` keys) or
+            ``"clip"`` (windows centred on the stride-group leader and cut at the grid; the
+            ``natten`` backend does not take it). Causal axes ignore it.
         key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid)`` or ``(B, H, *grid)``
             (B, H may be 1; ``nn.Attention`` passes ``(B, *grid)``). It applies to the grid keys, not
             to ``extra_k``. A query whose window keys (and extra keys) are all masked returns 0.
@@ -190,7 +203,8 @@ def neighborhood_attention(
     Raises:
         TypeError: non-float or mixed-dtype inputs, non-bool ``key_mask``, non-float ``bias``/``rpb``,
             wrongly typed ``kernel_size``/``dilation``/``is_causal``, a pair mask (``mask=``).
-        ValueError: a rank other than 4, 5 or 6; ``k``/``v`` on another grid; even kernel sizes;
+        ValueError: a rank other than 4, 5 or 6; ``k``/``v`` on another grid; kernel sizes < 1;
+            ``stride`` outside ``[1, kernel_size]``; an unknown ``border``;
             ``kernel_size`` or ``kernel_size * dilation`` larger than the grid; per-axis tuples of
             the wrong length; ``rpb`` with ``is_causal`` or of the wrong shape; masks, biases or
             extra keys of the wrong shape; unknown or unsupporting ``backend``.
@@ -220,7 +234,7 @@ def neighborhood_attention(
             f"on one grid; use extra_k/extra_v for other keys); got k.shape={tuple(k.shape)}"
         )
     b, h = q.shape[:2]
-    geom = make_geometry(q.shape[2:-1], kernel_size, dilation, is_causal)
+    geom = make_geometry(q.shape[2:-1], kernel_size, dilation, is_causal, stride, border)
     mask_n = _normalize_mask(key_mask, b, h, geom.grid)
     bias_n = _normalize_bias(bias, b, h, geom)
     _check_rpb(rpb, h, geom)
@@ -228,7 +242,10 @@ def neighborhood_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     base = Call.of(q, k, v, rpb, extra_k, extra_v, mask=mask_n, bias=bias_n, need_weights=return_weights, need_lse=return_lse)
-    call = NACall.make(base, has_rpb=rpb is not None, has_extra=extra_k is not None, rank=geom.rank)
+    call = NACall.make(
+        base, has_rpb=rpb is not None, has_extra=extra_k is not None, rank=geom.rank, clip=geom.clipped,
+        unit_kernel=min(geom.kernel) < 2,
+    )
     impl = neighborhood_attention.spec.choose_backend(backend, call)
     if is_empty(b, h, geom.num_tokens):  # nothing to compute
         num_extra = 0 if extra_k is None else extra_k.shape[2]

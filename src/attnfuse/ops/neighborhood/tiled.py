@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnfuse.ops.neighborhood._windows import Geometry, in_window, window_start
+from attnfuse.ops.neighborhood._windows import Geometry, in_window, window_bounds, window_start
 from attnfuse.ops.reference import masked_softmax
 
 __all__ = ["TilePlan", "default_tile", "plan_rel", "plan_slot", "tile_plan", "tiled_neighborhood"]
@@ -65,15 +65,19 @@ class TilePlan:
     out_index: Tensor
 
 
-def _axis_tiles(n: int, k: int, d: int, causal: bool, t: int) -> tuple[Tensor, ...]:
+def _axis_tiles(n: int, k: int, d: int, causal: bool, st: int, clip: bool, t: int) -> tuple[Tensor, ...]:
     """Tiles of one axis: per tile its queries, region keys, mask, bias and slot indices.
+
+    A tile holds ``t`` group positions, rounded up to whole stride groups (tiles start at group
+    position 0, so they never split a stride group); the windows of its queries then span at
+    most ``t - stride + k`` keys (window starts grow by ``stride`` per stride group), the region.
 
     Returns ``(q (nt, t), q_valid (nt, t), keys (nt, r), allowed (nt, t, r), rel, slot)`` in
     absolute positions; tiles never mix dilation groups.
     """
     largest = -(-n // d)  # largest dilation group
-    t = min(t, largest)
-    r = min(t + k - 1, largest)
+    t = min(-(-t // st) * st, largest)
+    r = min(t - st + k, largest)
     parts: list[tuple[Tensor, ...]] = []
     for g in range(d):
         ng = (n - g + d - 1) // d
@@ -82,13 +86,14 @@ def _axis_tiles(n: int, k: int, d: int, causal: bool, t: int) -> tuple[Tensor, .
         q_valid = p < ng
         p = p.clamp(max=ng - 1)  # padding slots repeat the last query
         qi = p * d + g
-        start = window_start(qi, n, k, d, causal)  # (nt, t)
-        region_start = start[:, 0].clamp(max=max(ng - r, 0))  # the region [rs, rs + r) holds every window of the tile
+        start = window_start(qi, n, k, d, causal, st, clip)  # (nt, t), slot 0 (may be < 0 with clip)
+        first, _ = window_bounds(qi[:, :1], n, k, d, causal, st, clip)  # (nt, 1)
+        region_start = first[:, 0].clamp(max=max(ng - r, 0))  # the region [rs, rs + r) holds every window of the tile
         pk = region_start[:, None] + torch.arange(r)  # (nt, r)
         k_valid = pk < ng  # a group shorter than r pads its region
         pk = pk.clamp(max=ng - 1)
         ki = pk * d + g
-        allowed = k_valid[:, None, :] & in_window(qi[:, :, None], ki[:, None, :], n, k, d, causal)  # (nt, t, r)
+        allowed = k_valid[:, None, :] & in_window(qi[:, :, None], ki[:, None, :], n, k, d, causal, st, clip)  # (nt, t, r)
         rel = (pk[:, None, :] - p[:, :, None] + k - 1).clamp(0, 2 * k - 2)
         slot = (pk[:, None, :] - start[:, :, None]).clamp(0, k - 1)
         parts.append((qi, q_valid, ki, allowed, rel, slot))
@@ -97,7 +102,7 @@ def _axis_tiles(n: int, k: int, d: int, causal: bool, t: int) -> tuple[Tensor, .
 
 @functools.lru_cache(maxsize=64)
 def _axes(geom: Geometry, tile: tuple[int, ...]) -> tuple[tuple[Tensor, ...], ...]:
-    return tuple(_axis_tiles(n, k, d, c, t) for n, k, d, c, t in zip(geom.grid, geom.kernel, geom.dilation, geom.causal, tile))
+    return tuple(_axis_tiles(n, k, d, c, st, clip, t) for (n, k, d, c, st, clip), t in zip(geom.axes(), tile))
 
 
 def _place(x: Tensor, a: int, rank: int) -> Tensor:
