@@ -92,6 +92,20 @@ def main(quick: bool = False, device: str | None = None) -> list[dict]:
     return records
 
 
+def _lse_call(tensors, backend: str, lse: bool, grad: bool) -> Callable[[], Any]:
+    q, k, v, grad_out, grad_lse = tensors
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            res = dense_attention(q, k, v, return_lse=lse, backend=backend)
+            if not grad:
+                return res
+            outs, grads = ((res[0], res[1]), (grad_out, grad_lse)) if lse else ((res,), (grad_out,))
+            return torch.autograd.grad(outs, (q, k, v), grads)
+
+    return run
+
+
 def _lse_records(dev: torch.device, lengths: tuple[int, ...], quick: bool) -> list[dict]:
     b, h, d, dtype = 1, 8, 64, torch.float32
     records = []
@@ -101,21 +115,11 @@ def _lse_records(dev: torch.device, lengths: tuple[int, ...], quick: bool) -> li
         grad_out = torch.randn(b, h, length, d, device=dev, dtype=dtype, generator=g)
         grad_lse = torch.randn(b, h, length, device=dev, dtype=dtype, generator=g)
 
-        def call(backend: str, lse: bool, grad: bool):
-            def run():
-                with torch.set_grad_enabled(grad):
-                    res = dense_attention(q, k, v, return_lse=lse, backend=backend)
-                    if not grad:
-                        return res
-                    outs, grads = ((res[0], res[1]), (grad_out, grad_lse)) if lse else ((res,), (grad_out,))
-                    return torch.autograd.grad(outs, (q, k, v), grads)
-
-            return run
-
         for pass_name, grad in (("fwd", False), ("fwd+bwd", True)):
-            fns = {"auto": call("auto", False, grad), "auto lse": call("auto", True, grad)}
+            tensors = (q, k, v, grad_out, grad_lse)
+            fns = {"auto": _lse_call(tensors, "auto", False, grad), "auto lse": _lse_call(tensors, "auto", True, grad)}
             if length <= 1024:
-                fns["reference lse (before)"] = call("reference", True, grad)
+                fns["reference lse (before)"] = _lse_call(tensors, "reference", True, grad)
             big = length >= 4096
             timings = time_interleaved(fns, device=dev, warmup=1 if big else 2, repeat=7 if quick else (5 if big else 15))
             for name, t in timings.items():
