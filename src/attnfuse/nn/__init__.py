@@ -3,8 +3,10 @@
 from attnfuse.nn import _builtin  # noqa: F401  (registry entries of the modules above)
 from attnfuse.nn._registry import MODULES, get_module, list_modules, register_module
 from attnfuse.nn.attention import Attention
+from attnfuse.nn.deconstructed import DeconstructedEncoder, DecoupledAttention, GatedMLPMixer
 from attnfuse.nn.factorized import FactorizedEncoder
 from attnfuse.nn.local import HaloAttention, RoutingAttention
+from attnfuse.nn.moh import MixtureOfHeadAttention, collect_routing, convert_to_moh
 from attnfuse.nn.neighborhood import NeighborhoodAttention
 from attnfuse.nn.transformer import MLP, Encoder, TransformerBlock
 
@@ -12,12 +14,18 @@ __all__ = [
     "MLP",
     "MODULES",
     "Attention",
+    "DeconstructedEncoder",
+    "DecoupledAttention",
     "Encoder",
     "FactorizedEncoder",
+    "GatedMLPMixer",
     "HaloAttention",
+    "MixtureOfHeadAttention",
     "NeighborhoodAttention",
     "RoutingAttention",
     "TransformerBlock",
+    "collect_routing",
+    "convert_to_moh",
     "get_module",
     "list_modules",
     "register_module",

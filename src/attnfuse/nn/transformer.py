@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +136,10 @@ class Encoder(nn.Module):
             :class:`TransformerBlock` (``op_options`` is the legacy form).
         depth: number of blocks.
         final_norm: LayerNorm after the last block (only when ``depth > 0``).
+        pattern: the layer pattern: one operator per block (names or typed options, ``depth`` of them), e.g.
+            ``["dense", Kernel(similarity="taylor")] * 2`` for a hybrid stack; None = ``op`` in every block.
+            (Mixers that are not an attention operator, and fixed Q/K streams, are
+            :class:`attnfuse.nn.DeconstructedEncoder`.)
 
     Shapes: ``x (B, *tokens, C)``, ``mask (B, *tokens)`` -> ``(B, *tokens, C)``.
     """
@@ -152,6 +156,7 @@ class Encoder(nn.Module):
         op_options: Mapping | None = None,
         gate: bool = False,
         final_norm: bool = True,
+        pattern: Sequence[str | OpConfig] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -160,9 +165,12 @@ class Encoder(nn.Module):
             raise ValueError(f"depth must be >= 0, got {depth=}")
         dd = {"device": device, "dtype": dtype}
         op = op_config(op, **dict(op_options or {}))
+        if pattern is not None and (isinstance(pattern, str) or len(pattern) != depth):
+            raise ValueError(f"pattern must be a sequence of {depth} operators (one per block), got {pattern!r}")
+        layer_ops = [op] * depth if pattern is None else [op_config(p) for p in pattern]
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=op, gate=gate, **dd)
-            for _ in range(depth)
+            TransformerBlock(dim, heads, mlp_ratio=mlp_ratio, dropout=dropout, op=layer_op, gate=gate, **dd)
+            for layer_op in layer_ops
         )
         self.norm = nn.LayerNorm(dim, **dd) if (final_norm and depth > 0) else None
 
