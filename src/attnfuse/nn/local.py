@@ -137,8 +137,20 @@ class HaloAttention(_GridAttention):
 class RoutingAttention(_GridAttention):
     """Multi-head bi-level routing attention (BiFormer) with local context enhancement.
 
-    ``out = proj(routing_attention(q, k, v) + LePE(v))`` where LePE is a depthwise convolution of
-    the values (all heads, zero at masked tokens), as BiFormer's ``lepe``.
+    ``out = proj(routing_attention(q, k, v, scale=s) + LCE(v))`` where LCE ("LePE" in the code) is a
+    depthwise convolution of the values (all heads, zero at masked tokens), as BiFormer's ``lepe``.
+
+    Defaults are the official module's (``rayleizhu/BiFormer`` ``BiLevelRoutingAttention`` as used by the
+    released models), so released weights reproduce: ``scale = qk_dim ** -0.5`` with
+    ``qk_dim = heads * head_dim`` (the width of **all** heads, not one head) and a 5×5 depthwise LCE
+    (``side_dwconv=5``). ``scale="head_dim"`` gives the usual per-head ``head_dim ** -0.5`` and
+    ``lepe_kernel=3`` the smaller LCE (both the attnfuse defaults before issue 13).
+
+    Grids not divisible by ``regions``: the official ``bra_legacy.py`` zero-pads ``x`` before the
+    projection, so padded tokens get q / k / v equal to the projection biases and are pooled into the
+    region means and attended; attnfuse pads after the projection and masks the padding (never pooled,
+    never attended), so outputs differ from the official code on such grids (they agree on divisible
+    grids, where ``ops/torch/bra.py`` asserts divisibility anyway).
 
     Args:
         dim: channel width ``C``.
@@ -146,8 +158,10 @@ class RoutingAttention(_GridAttention):
         regions: regions per axis (BiFormer's ``n_win``, 7), int or one per axis.
         topk: routed regions per query region.
         rank: grid dimension (1, 2 or 3; default 2 or the tuple length).
-        lepe_kernel: odd kernel size of the LePE depthwise convolution (BiFormer: 3 or 5); 0 = none.
-        head_dim, qkv_bias, dropout, scale, backend: as :class:`attnfuse.nn.Attention`.
+        lepe_kernel: odd kernel size of the LCE depthwise convolution (official: 5, the default); 0 = none.
+        scale: token-attention score scale: ``"qk_dim"`` (default, official: ``(heads * head_dim) ** -0.5``),
+            ``"head_dim"`` (``head_dim ** -0.5``) or a float.
+        head_dim, qkv_bias, dropout, backend: as :class:`attnfuse.nn.Attention`.
         device, dtype: for the parameters.
 
     Shapes:
@@ -162,15 +176,22 @@ class RoutingAttention(_GridAttention):
 
     def __init__(
         self, dim: int, heads: int, *, regions: int | tuple[int, ...] = 7, topk: int = 4, rank: int | None = None,
-        lepe_kernel: int = 3, head_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
-        scale: float | None = None, backend: str = "auto", device: torch.device | None = None, dtype: torch.dtype | None = None,
+        lepe_kernel: int = 5, head_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
+        scale: float | Literal["qk_dim", "head_dim"] = "qk_dim", backend: str = "auto",
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         rank = len(regions) if isinstance(regions, Sequence) else (rank or 2)
         dd = {"device": device, "dtype": dtype}
         super().__init__(dim, heads, head_dim, qkv_bias, dropout, rank, dd)
         if lepe_kernel < 0 or (lepe_kernel and lepe_kernel % 2 == 0):
             raise ValueError(f"lepe_kernel must be 0 or odd, got {lepe_kernel=}")
-        self.regions, self.topk, self.scale, self.backend = regions, topk, scale, backend
+        if scale == "qk_dim":
+            scale = (heads * self.head_dim) ** -0.5
+        elif scale == "head_dim":
+            scale = self.head_dim**-0.5
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"scale must be 'qk_dim', 'head_dim' or a float, got {scale!r}")
+        self.regions, self.topk, self.scale, self.backend = regions, topk, float(scale), backend
         inner = heads * self.head_dim
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
         self.lepe = conv(inner, inner, lepe_kernel, padding=lepe_kernel // 2, groups=inner, **dd) if lepe_kernel else None

@@ -19,6 +19,16 @@ Semantics, as the official implementation (``diff_routing=False``, ``soft_routin
 3. Query region ``i`` keeps the ``topk`` regions of highest affinity (``torch.topk``; key regions with
    no valid key rank last), and each of its queries attends to every valid token of those regions.
 
+Scale. The official module scales the token scores by ``qk_dim ** -0.5``, ``qk_dim`` the width of
+**all** heads (``H * D`` here), not ``D ** -0.5`` per head. This operator keeps the operator-wide default
+``scale = D ** -0.5`` when ``scale`` is None (every operator in :mod:`attnfuse.ops` does); the BiFormer
+module :class:`attnfuse.nn.RoutingAttention` passes the official ``(H * D) ** -0.5`` by default.
+
+Grids not divisible by ``regions``. The official ``bra_legacy.py`` zero-pads the *input* before the
+q / k / v projection, so its padded tokens carry the projection biases, are pooled into the region
+means and are attended; here the padding is added after the projection and masked (never pooled,
+never attended). Both agree on divisible grids (``ops/torch/bra.py`` asserts divisibility).
+
 Masked keys (``key_mask`` False) are excluded from the key means and from attention; masked
 positions are also left out of the query means (for self-attention the mask marks invalid tokens).
 
@@ -170,7 +180,8 @@ def routing_attention(
         topk: key regions routed to each query region, ``1 <= topk <= prod(regions)``
             (BiFormer: 1, 4, 16 and all regions in its four stages).
         key_mask: bool key mask, ``True`` = the key exists: ``(B, *grid)`` or ``(B, H, *grid)`` (B, H may be 1).
-        scale: token-attention score scale, ``1/sqrt(D)`` when None.
+        scale: token-attention score scale, ``1/sqrt(D)`` when None; the official BiFormer module uses
+            ``(H * D) ** -0.5`` (see the module docstring).
         return_weights: also return dense weights ``(B, H, N, N)`` over the flattened grid (reference path).
         return_routing: also return the routing ``(B, R, topk)`` (key region indices, row-major).
         backend: ``"auto"``, ``"gather"`` or ``"reference"``.
