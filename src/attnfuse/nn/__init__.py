@@ -5,15 +5,18 @@ from attnfuse.nn._registry import MODULES, get_module, list_modules, register_mo
 from attnfuse.nn.attention import Attention
 from attnfuse.nn.deconstructed import DeconstructedEncoder, DecoupledAttention, GatedMLPMixer
 from attnfuse.nn.factorized import FactorizedEncoder
+from attnfuse.nn.gates import CoordinateAttention, ResolutionAwareChannelAttention, SqueezeExcite
 from attnfuse.nn.local import HaloAttention, RoutingAttention
 from attnfuse.nn.moh import MixtureOfHeadAttention, collect_routing, convert_to_moh
 from attnfuse.nn.neighborhood import NeighborhoodAttention
+from attnfuse.nn.random_feature import RandomFeatureAttention
 from attnfuse.nn.transformer import MLP, Encoder, TransformerBlock
 
 __all__ = [
     "MLP",
     "MODULES",
     "Attention",
+    "CoordinateAttention",
     "DeconstructedEncoder",
     "DecoupledAttention",
     "Encoder",
@@ -22,7 +25,10 @@ __all__ = [
     "HaloAttention",
     "MixtureOfHeadAttention",
     "NeighborhoodAttention",
+    "RandomFeatureAttention",
+    "ResolutionAwareChannelAttention",
     "RoutingAttention",
+    "SqueezeExcite",
     "TransformerBlock",
     "collect_routing",
     "convert_to_moh",
