@@ -67,6 +67,18 @@ from attnfuse.ops.evidential import (
     opinion_from_alpha,
     opinion_from_evidence,
 )
+from attnfuse.ops.frequency import (
+    dct_basis,
+    dct_pool,
+    estimate_shift,
+    fcanet_frequencies,
+    frequency_decomposition,
+    gradient_magnitude,
+    patch_autocorrelation,
+    phase_agreement,
+    phase_correlation,
+    unit_phasor,
+)
 from attnfuse.ops.halo import halo_attention
 from attnfuse.ops.kernel import kernel_attention
 from attnfuse.ops.merge import merge_attention
@@ -74,6 +86,7 @@ from attnfuse.ops.neighborhood import neighborhood_attention
 from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
 from attnfuse.ops.routing import routing_attention
 from attnfuse.ops.silu_kernel import silu_kernel_attention
+from attnfuse.ops.wavelet import haar_dwt, haar_idwt
 
 __all__ = [
     "OPERATORS",
@@ -87,10 +100,18 @@ __all__ = [
     "backends",
     "combiner_attention",
     "conflict",
+    "dct_basis",
+    "dct_pool",
     "dempster_combine",
     "dempster_combine_many",
     "dense_attention",
+    "estimate_shift",
+    "fcanet_frequencies",
+    "frequency_decomposition",
     "get_operator",
+    "gradient_magnitude",
+    "haar_dwt",
+    "haar_idwt",
     "halo_attention",
     "kernel_attention",
     "list_operators",
@@ -101,7 +122,11 @@ __all__ = [
     "operator",
     "opinion_from_alpha",
     "opinion_from_evidence",
+    "patch_autocorrelation",
+    "phase_agreement",
+    "phase_correlation",
     "routing_attention",
     "scores",
     "silu_kernel_attention",
+    "unit_phasor",
 ]

@@ -1,0 +1,184 @@
+"""Orthonormal Haar discrete wavelet transform (one level), 2-D and 3-D, and its exact inverse.
+
+Used by Flickerformer's wavelet-guided directional attention (WDAM, arXiv 2603.22794) and available to
+any block that wants a lossless 2x down-sampling into frequency bands. Parameter-free; no
+pytorch_wavelets / PyWavelets dependency (PyWavelets is a test-only reference).
+
+Status: exact. The transform is orthonormal, so ``haar_idwt(haar_dwt(x)) == x`` up to round-off and
+``||haar_dwt(x)|| == ||x||`` (energy preserved). Band values equal PyWavelets' ``pywt.dwt2(x, "haar")`` /
+``pywt.dwtn(x, "haar")`` (tested).
+
+Definition, per transformed axis, on the pairs ``(e, o) = (x[2i], x[2i + 1])``::
+
+    low[i]  = (e + o) / sqrt(2)
+    high[i] = (e - o) / sqrt(2)
+
+applied along every spatial axis in turn. Band ``k`` holds, for each axis ``a`` (``a = 0`` the first
+spatial axis: ``H`` in 2-D, ``D`` in 3-D), the high-pass of that axis iff bit ``a`` of ``k`` is set::
+
+    2-D, x (B, C, H, W):     k = 0 LL, 1 high along H (PyWavelets cH), 2 high along W (cV), 3 HH (cD)
+    3-D, x (B, C, D, H, W):  k = bit_D + 2·bit_H + 4·bit_W   (PyWavelets dwtn key "aad" is k = 4, ...)
+
+Equivalent dense formulation (what :func:`haar_dwt_reference` computes): with the orthonormal
+one-level Haar matrix ``M_n`` (``n x n``, rows ``[low_0 .. low_{n/2-1}, high_0 .. high_{n/2-1}]``,
+:func:`haar_matrix`), the 2-D transform is ``M_H · x · M_Wᵀ`` split into its four quadrants.
+
+Materialised 1-D example (n = 4, s = 1/sqrt(2))::
+
+    M_4 = [[s, s, 0, 0],
+           [0, 0, s, s],
+           [s, -s, 0, 0],
+           [0, 0, s, -s]]
+
+Shapes:
+    2-D: x ``(B, C, H, W)`` -> bands ``(B, C, 4, H/2, W/2)``;
+    3-D: x ``(B, C, D, H, W)`` -> bands ``(B, C, 8, D/2, H/2, W/2)``.
+    Any number of leading dims is allowed; ``dims`` (2 or 3) counts the trailing spatial axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["haar_dwt", "haar_dwt_reference", "haar_idwt", "haar_idwt_reference", "haar_matrix"]
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+
+def _check_dims(dims: int) -> None:
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3 (trailing spatial axes), got {dims=}")
+
+
+def _check_input(x: Tensor, dims: int, name: str = "x") -> None:
+    _check_dims(dims)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')}")
+    if x.dim() < dims:
+        raise ValueError(f"{name} must have at least {dims} dims (the spatial axes), got {tuple(x.shape)=}")
+    sizes = x.shape[x.dim() - dims:]
+    odd = [s for s in sizes if s % 2]
+    if odd:
+        raise ValueError(
+            f"haar_dwt needs an even size along every spatial axis; {name} has spatial shape {tuple(sizes)} "
+            f"(pad or crop it to even sizes, e.g. torch.nn.functional.pad(x, (0, W % 2, 0, H % 2)))"
+        )
+
+
+def _butterfly(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Split ``axis`` into pairs and return ``(low, high)``, each half as long along ``axis``."""
+    n = x.shape[axis]
+    pairs = x.unflatten(axis, (n // 2, 2))  # (..., n/2, 2, ...)
+    even = pairs.select(axis + 1, 0)
+    odd = pairs.select(axis + 1, 1)
+    return (even + odd) * _SQRT1_2, (even - odd) * _SQRT1_2
+
+
+def haar_dwt(x: Tensor, *, dims: int = 2) -> Tensor:
+    """One level of the orthonormal Haar DWT over the trailing ``dims`` axes.
+
+    Args:
+        x: ``(*lead, *spatial)`` floating tensor, every spatial size even.
+        dims: number of trailing spatial axes (2 for ``(B, C, H, W)``, 3 for ``(B, C, D, H, W)``; 1 allowed).
+
+    Returns:
+        ``(*lead, 2**dims, *spatial/2)``: band ``k`` is high-pass along spatial axis ``a`` iff bit ``a`` of ``k``
+        is set (module docstring).
+
+    Raises:
+        ValueError: ``dims`` not in 1..3, too few dims, or an odd spatial size.
+        TypeError: ``x`` not a floating tensor.
+
+    Example:
+        >>> bands = haar_dwt(torch.randn(2, 3, 8, 6))
+        >>> bands.shape
+        torch.Size([2, 3, 4, 4, 3])
+    """
+    _check_input(x, dims)
+    lead = x.dim() - dims
+    bands = x.unsqueeze(lead)  # (*lead, 1, *spatial)
+    for a in range(dims):
+        axis = lead + 1 + a
+        low, high = _butterfly(bands, axis)
+        bands = torch.cat([low, high], dim=lead)  # (*lead, 2**(a+1), ...): new bit a is the high half
+    return bands
+
+
+def haar_idwt(bands: Tensor, *, dims: int = 2) -> Tensor:
+    """Inverse of :func:`haar_dwt`: ``(*lead, 2**dims, *half)`` -> ``(*lead, *(2·half))``.
+
+    Raises:
+        ValueError: ``bands`` without a band axis of size ``2**dims`` before the ``dims`` spatial axes.
+    """
+    _check_dims(dims)
+    if not isinstance(bands, Tensor) or not bands.is_floating_point():
+        raise TypeError(f"bands must be a floating-point tensor, got {type(bands).__name__}")
+    nb = 2**dims
+    if bands.dim() < dims + 1 or bands.shape[-dims - 1] != nb:
+        raise ValueError(f"bands must have shape (*lead, {nb}, *spatial) for dims={dims}, got {tuple(bands.shape)=}")
+    lead = bands.dim() - dims - 1
+    x = bands
+    for a in reversed(range(dims)):
+        half = x.shape[lead] // 2
+        low, high = x.narrow(lead, 0, half), x.narrow(lead, half, half)
+        axis = lead + 1 + a
+        even = (low + high) * _SQRT1_2
+        odd = (low - high) * _SQRT1_2
+        x = torch.stack([even, odd], dim=axis + 1).flatten(axis, axis + 1)  # interleave the pairs back
+    return x.squeeze(lead)
+
+
+def haar_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """The orthonormal one-level Haar analysis matrix ``(n, n)``: rows ``[low_0.., high_0..]`` (``n`` even)."""
+    if n <= 0 or n % 2:
+        raise ValueError(f"haar_matrix needs a positive even n, got {n=}")
+    m = torch.zeros(n, n, dtype=dtype, device=device)
+    i = torch.arange(n // 2, device=device)
+    m[i, 2 * i] = _SQRT1_2
+    m[i, 2 * i + 1] = _SQRT1_2
+    m[n // 2 + i, 2 * i] = _SQRT1_2
+    m[n // 2 + i, 2 * i + 1] = -_SQRT1_2
+    return m
+
+
+def haar_dwt_reference(x: Tensor, *, dims: int = 2) -> Tensor:
+    """Plain matrix form of :func:`haar_dwt` (test oracle): multiply each axis by :func:`haar_matrix`."""
+    _check_input(x, dims)
+    lead = x.dim() - dims
+    y = x
+    for a in range(dims):
+        axis = lead + a
+        m = haar_matrix(x.shape[axis], dtype=x.dtype, device=x.device)
+        y = torch.movedim(torch.tensordot(y, m, dims=([axis], [1])), -1, axis)  # apply M along `axis`
+    # split every axis into (low, high) halves and gather the 2**dims quadrants as bands
+    out = []
+    for k in range(2**dims):
+        idx = y
+        for a in range(dims):
+            axis = lead + a
+            half = x.shape[axis] // 2
+            idx = idx.narrow(axis, half if (k >> a) & 1 else 0, half)
+        out.append(idx)
+    return torch.stack(out, dim=lead)
+
+
+def haar_idwt_reference(bands: Tensor, *, dims: int = 2) -> Tensor:
+    """Plain matrix form of :func:`haar_idwt` (the transpose of each axis' orthonormal matrix)."""
+    nb = 2**dims
+    lead = bands.dim() - dims - 1
+    half = bands.shape[lead + 1:]
+    y = bands.new_zeros(*bands.shape[:lead], *(2 * h for h in half))
+    for k in range(nb):
+        index = [slice(None)] * lead + [
+            slice(half[a], 2 * half[a]) if (k >> a) & 1 else slice(0, half[a]) for a in range(dims)
+        ]
+        y[tuple(index)] = bands.select(lead, k)
+    for a in range(dims):
+        axis = lead + a
+        m = haar_matrix(y.shape[axis], dtype=y.dtype, device=y.device)
+        y = torch.movedim(torch.tensordot(y, m, dims=([axis], [0])), -1, axis)  # apply Mᵀ along `axis`
+    return y
