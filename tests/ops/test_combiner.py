@@ -52,7 +52,10 @@ def brute_support(mode, length, s, causal, i):
     return direct, [r for r in regions if r]
 
 
-def brute_combiner(q, k, v, mode, s, causal, valid, scale, correction=True):
+POOL = {"mean": lambda x: x.mean(0), "max": lambda x: x.max(0).values, "sum": lambda x: x.sum(0)}
+
+
+def brute_combiner(q, k, v, mode, s, causal, valid, scale, correction=True, pooling="mean"):
     """Combiner for one (batch, head) by loops over queries and regions: out (L, Dv) and implied A (L, L)."""
     length = q.shape[0]
     out, implied = torch.zeros(length, v.shape[1], dtype=q.dtype), torch.zeros(length, length, dtype=q.dtype)
@@ -67,7 +70,7 @@ def brute_combiner(q, k, v, mode, s, causal, valid, scale, correction=True):
             reg = [j for j in reg if valid[j]]
             if not reg:
                 continue
-            kbar, qbar = k[reg].mean(0), q[reg].mean(0)
+            kbar, qbar = POOL[pooling](k[reg]), POOL[pooling](q[reg])
             pool = torch.softmax(torch.stack([scale * qbar @ k[j] for j in reg]), 0)
             logits.append(scale * q[i] @ kbar + (math.log(len(reg)) if correction else 0.0))
             targets.append((reg, pool))
@@ -118,6 +121,56 @@ def test_blocked_and_reference_match_the_loop_oracle(tol, mode, causal, length, 
     g_out = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out)):
         torch.testing.assert_close(a, b, **tol(F64, "bwd"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize(("pooling", "correction"), [("max", False), ("sum", False), ("mean", False), ("max", True)],
+                         ids=["paper-max", "tf-sum", "mean-nocount", "max-count"])
+def test_pooling_forms_match_the_loop_oracle(tol, mode, causal, pooling, correction):
+    # paper: max pooling, no count term; released TF axial code: sums (its "cummax" is a cumsum), no count term
+    length, block = (23, None) if mode == "logsparse" else (23, 5)
+    q, k, v = rand_qkv(2, 1, length, seed=3)
+    mask = torch.rand(2, 1, length, generator=torch.Generator().manual_seed(4)) > 0.25
+    kw = {"mode": mode, "block_size": block, "is_causal": causal, "key_mask": mask, "scale": 0.6,
+          "pooling": pooling, "count_correction": correction}
+    out, lse = ops.combiner_attention(q, k, v, backend="blocked", return_lse=True, **kw)
+    ref, implied, lse_ref = ops.combiner_attention(q, k, v, backend="reference", return_weights=True, return_lse=True, **kw)
+    torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
+    torch.testing.assert_close(lse, lse_ref, **tol(F64, "fwd"))
+    for b in range(2):
+        want, want_a = brute_combiner(q[b, 0].detach(), k[b, 0].detach(), v[b, 0].detach(), mode, block or 1, causal,
+                                      mask[b, 0], 0.6, correction=correction, pooling=pooling)
+        torch.testing.assert_close(ref[b, 0].detach(), want, **tol(F64, "fwd"))
+        torch.testing.assert_close(implied[b, 0].detach(), want_a, **tol(F64, "fwd"))
+    g_out = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out)):
+        torch.testing.assert_close(a, b, **tol(F64, "bwd"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "sum"])
+def test_pooling_ignores_nan_at_masked_positions(pooling):
+    q, k, v = (t.detach() for t in rand_qkv(1, 2, 16, seed=5))
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[0, [3, 9]] = False
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, [3, 9]] = float("nan")
+    for mode in MODES:
+        kw = {"mode": mode, "key_mask": mask, "pooling": pooling}
+        a = ops.combiner_attention(q, k, v, **kw)
+        b = ops.combiner_attention(q2, k2, v2, **kw)
+        keep = mask[0]
+        torch.testing.assert_close(a[:, :, keep], b[:, :, keep])
+        assert torch.isfinite(ops.combiner_attention(q2, k2, v2, backend="reference", **kw)[:, :, keep]).all()
+
+
+def test_pooling_changes_the_result_and_is_checked():
+    q, k, v = rand_qkv(1, 1, 16, seed=6)
+    outs = [ops.combiner_attention(q, k, v, mode="fixed", block_size=4, pooling=p) for p in ("mean", "max", "sum")]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'max', 'sum'\)"):
+        ops.combiner_attention(q, k, v, pooling="cummax")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -247,7 +300,7 @@ def test_bad_arguments():
 def test_registered_and_used_by_modules():
     spec = ops.get_operator("combiner")
     assert spec.layout == "sequence" and not spec.cross
-    assert spec.options == frozenset({"mode", "block_size", "is_causal", "scale", "count_correction", "backend"})
+    assert spec.options == frozenset({"mode", "block_size", "is_causal", "scale", "count_correction", "pooling", "backend"})
     torch.manual_seed(0)
     attn = Attention(16, 2, op="combiner", mode="axial", block_size=3)
     x, mask = torch.randn(2, 10, 16), torch.rand(2, 10) > 0.2

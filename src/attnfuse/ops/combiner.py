@@ -16,11 +16,22 @@ Attention is the conditional expectation ``E_{p(j|i)}[v_j]``. Combiner splits th
     w_ir   ~ exp(scale q_i.kbar_r + log |Omega_r|)                     region summary key, log-count corrected
     vbar_r = sum_{j in Omega_r} q(j|Omega_r) v_j,   q(j|Omega_r) = softmax_j(scale qbar_r.k_j)   attention pooling
 
-``kbar_r`` / ``qbar_r`` are the means of the region's valid keys / queries. The ``log |Omega_r|`` term
-makes a summary stand for the mass of its whole region: if a region's keys are all equal, its summary
-contributes exactly what its keys would contribute under dense attention
-(``count_correction=False`` drops it, as the released code does, which uses mean / max pooled keys
-and no count term). The implied attention matrix ``A_ij = w_ij`` (direct) or ``w_ir q(j|Omega_r)``
+``kbar_r`` / ``qbar_r`` summarise the region's valid keys / queries (``pooling``, below). The
+``log |Omega_r|`` term makes a summary stand for the mass of its whole region: if a region's keys are
+all equal, its summary contributes exactly what its keys would contribute under dense attention
+(``count_correction=False`` drops it).
+
+Pooling (``pooling=`` and ``count_correction=``), three forms:
+
+* **paper** (Combiner §3, eq. 9): ``pooling="max", count_correction=False``: elementwise max of the
+  region's keys / queries, no count term.
+* **released TF code** (``combiner/tf/approx_attention.py``): the axial summaries use ``approx_cummax``,
+  which returns a cumulative **sum** (the max is commented out), and no count term:
+  ``pooling="sum", count_correction=False`` (its ``sqrt_fixed_full`` uses max, as the paper; the JAX
+  code uses a true ``cummax``). Sums grow with the region size.
+* **attnfuse default**: ``pooling="mean", count_correction=True``: means, plus ``log |Omega_r|`` so that
+  a region of equal keys contributes exactly its dense-attention mass (our deviation; the count term
+  can be combined with any pooling). The implied attention matrix ``A_ij = w_ij`` (direct) or ``w_ir q(j|Omega_r)``
 (``j`` in region ``r``) has rows summing to 1 and is non-zero on the whole support (every valid key,
 or every valid key ``j <= i`` when causal): full attention in one layer.
 
@@ -61,6 +72,7 @@ from attnfuse.ops.reference import masked_softmax
 __all__ = ["combiner_attention", "combiner_regions"]
 
 MODES = ("axial", "fixed", "logsparse")
+POOLINGS = ("mean", "max", "sum")
 
 
 def _levels(length: int) -> int:
@@ -131,7 +143,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, need_weights):
+def _pool_regions(x: Tensor, member: Tensor, count: Tensor, pooling: str) -> Tensor:
+    """Region summaries of ``x (B, H, S, C)`` over ``member (B', H', R, S)`` (valid positions of each region).
+
+    ``count (B', H', R)`` is the number of members; an empty region gets 0. Returns ``(B, H, R, C)``.
+    Masked positions are excluded with ``where`` (a masked query never reaches a summary, NaN included).
+    """
+    if pooling == "max":
+        filled = torch.where(member.unsqueeze(-1), x.unsqueeze(-3), float("-inf"))  # (B, H, R, S, C)
+        pooled = filled.amax(-2) if x.shape[-2] else x.new_full((*filled.shape[:-2], x.shape[-1]), float("-inf"))
+        return torch.where((count > 0).unsqueeze(-1), pooled, torch.zeros((), dtype=x.dtype, device=x.device))
+    w = member.to(x.dtype)  # (B', H', R, S)
+    if pooling == "mean":
+        w = w / count.clamp(min=1).unsqueeze(-1)
+    keep = member.any(-2)  # (B', H', S) positions in some region
+    return w @ drop_masked(x, keep)  # (B, H, R, C)
+
+
+def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, pooling, need_weights):
     dtype, compute = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     length = q.shape[2]
@@ -139,8 +168,7 @@ def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, 
     valid = _key_valid(key_mask, length, q.device)  # (B', H', S)
     member_v = member & valid.unsqueeze(-2)  # (B', H', R, S) valid keys of each region
     count = member_v.sum(-1).to(compute)  # (B', H', R)
-    avg = member_v.to(compute) / count.clamp(min=1).unsqueeze(-1)  # (B', H', R, S) averaging weights
-    k_bar, q_bar = avg @ k, avg @ drop_masked(q, valid)  # (B, H, R, D); a masked query never reaches a mean
+    k_bar, q_bar = _pool_regions(k, member_v, count, pooling), _pool_regions(q, member_v, count, pooling)  # (B, H, R, D)
     pool, _ = masked_softmax((q_bar @ k.transpose(-2, -1) * scale).masked_fill(~member_v, float("-inf")))  # (B, H, R, S)
     s_direct = (q @ k.transpose(-2, -1) * scale).masked_fill(~(direct & valid.unsqueeze(-2)), float("-inf"))  # (B, H, L, S)
     s_summary = q @ k_bar.transpose(-2, -1) * scale  # (B, H, L, R)
@@ -153,16 +181,26 @@ def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, 
     return out.to(dtype), (implied.to(dtype) if need_weights else None), lse.to(dtype)
 
 
-def _summaries(qb, kb, vb, vm, scale, correction):
+def _pool_blocks(xb: Tensor, vm: Tensor, count: Tensor, pooling: str) -> Tensor:
+    """Summary of each block: ``xb (B, H, n, t, C)``, ``vm (B', H', n, t)`` valid, ``count (B', H', n)`` -> ``(B, H, n, C)``.
+
+    Masked positions are excluded with ``where`` (NaN there cannot reach a summary); an empty block gives 0.
+    """
+    if pooling == "max":
+        pooled = torch.where(vm.unsqueeze(-1), xb, float("-inf")).amax(-2)  # (B, H, n, C)
+        return torch.where((count > 0).unsqueeze(-1), pooled, torch.zeros((), dtype=xb.dtype, device=xb.device))
+    total = drop_masked(xb, vm).sum(-2)  # (B, H, n, C)
+    return total / count.clamp(min=1).unsqueeze(-1) if pooling == "mean" else total
+
+
+def _summaries(qb, kb, vb, vm, scale, correction, pooling):
     """Per-block mean key, count term and attention-pooled value.
 
     ``qb, kb (B, H, n, t, D)``, ``vb (B, H, n, t, Dv)``, ``vm (B', H', n, t)`` valid keys ->
     ``k_bar (B, H, n, D)``, ``log_count (B', H', n)`` (``-inf`` for an empty block), ``v_bar (B, H, n, Dv)``.
     """
-    w = vm.to(qb.dtype)
-    count = w.sum(-1)  # (B', H', n)
-    avg = (w / count.clamp(min=1).unsqueeze(-1)).unsqueeze(-1)  # (B', H', n, t, 1)
-    k_bar, q_bar = (kb * avg).sum(-2), (drop_masked(qb, vm) * avg).sum(-2)  # (B, H, n, D); masked queries never reach a mean
+    count = vm.sum(-1).to(qb.dtype)  # (B', H', n)
+    k_bar, q_bar = _pool_blocks(kb, vm, count, pooling), _pool_blocks(qb, vm, count, pooling)  # (B, H, n, D)
     s = torch.einsum("bhnd,bhntd->bhnt", q_bar, kb) * scale  # (B, H, n, t)
     pool, _ = masked_softmax(s.masked_fill(~vm, float("-inf")))
     v_bar = torch.einsum("bhnt,bhntv->bhnv", pool, vb)  # (B, H, n, Dv)
@@ -170,12 +208,12 @@ def _summaries(qb, kb, vb, vm, scale, correction):
     return k_bar, log_count.masked_fill(count == 0, float("-inf")), v_bar
 
 
-def _fixed(q, k, v, valid, s, is_causal, scale, correction):
+def _fixed(q, k, v, valid, s, is_causal, scale, correction, pooling):
     b, h, length, _ = q.shape
     n = q.shape[2] // s
     qb, kb, vb = (t.reshape(b, h, n, s, t.shape[-1]) for t in (q, k, v))  # (B, H, n, s, *)
     vm = valid.reshape(valid.shape[0], valid.shape[1], n, s)  # (B', H', n, s)
-    k_bar, log_count, v_bar = _summaries(qb, kb, vb, vm, scale, correction)
+    k_bar, log_count, v_bar = _summaries(qb, kb, vb, vm, scale, correction, pooling)
     s_direct = (qb @ kb.transpose(-2, -1) * scale).masked_fill(~vm.unsqueeze(-2), float("-inf"))  # (B, H, n, s, s)
     if is_causal:
         s_direct = s_direct.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
@@ -188,19 +226,32 @@ def _fixed(q, k, v, valid, s, is_causal, scale, correction):
     return out.reshape(b, h, length, -1), lse.reshape(b, h, length)
 
 
-def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse):
+def _prefix_pool(xc: Tensor, vm: Tensor, count: Tensor, pooling: str) -> Tensor:
+    """Exclusive prefix summaries along the rows: ``xc (B, H, s, n, C)``, ``vm (B', H', s, n)`` valid,
+    ``count (B', H', s, n)`` earlier valid rows -> ``(B, H, s, n, C)``, the summary of rows ``< r`` (0 if none).
+    """
+    if pooling == "max":
+        filled = torch.where(vm.unsqueeze(-1), xc, float("-inf"))  # (B, H, s, n, C)
+        inclusive = filled.cummax(-2).values
+        exclusive = torch.nn.functional.pad(inclusive[..., :-1, :], (0, 0, 1, 0), value=float("-inf"))  # shift by one row
+        return torch.where((count > 0).unsqueeze(-1), exclusive, torch.zeros((), dtype=xc.dtype, device=xc.device))
+    xw = drop_masked(xc, vm)  # a masked query never reaches a summary (NaN there included)
+    total = xw.cumsum(-2) - xw  # rows strictly before
+    return total / count.clamp(min=1).unsqueeze(-1) if pooling == "mean" else total
+
+
+def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling):
     """Summaries of the earlier (or, ``reverse``, later) rows of every column.
 
     ``qc, kc (B, H, s, n, D)``, ``vc (B, H, s, n, Dv)``, ``vmc (B', H', s, n)`` by (column, row) ->
     ``k_bar (B, H, s, n, D)``, ``log_count (B', H', s, n)``, ``v_bar (B, H, s, n, Dv)`` for region (column, row).
     """
     w = vmc.to(qc.dtype)
-    qc = drop_masked(qc, vmc)  # a masked query never reaches a mean (NaN there included)
+    vmf = vmc
     if reverse:
-        qc, kc, w = qc.flip(-2), kc.flip(-2), w.flip(-1)
+        qc, kc, w, vmf = qc.flip(-2), kc.flip(-2), w.flip(-1), vmc.flip(-1)
     count = w.cumsum(-1) - w  # (B', H', s, n) exclusive: rows strictly before
-    k_bar = ((kc * w.unsqueeze(-1)).cumsum(-2) - kc * w.unsqueeze(-1)) / count.clamp(min=1).unsqueeze(-1)  # (B, H, s, n, D)
-    q_bar = ((qc * w.unsqueeze(-1)).cumsum(-2) - qc * w.unsqueeze(-1)) / count.clamp(min=1).unsqueeze(-1)
+    k_bar, q_bar = (_prefix_pool(t, vmf, count, pooling) for t in (kc, qc))  # (B, H, s, n, D)
     if reverse:
         k_bar, q_bar, count = k_bar.flip(-2), q_bar.flip(-2), count.flip(-1)
         kc = kc.flip(-2)
@@ -214,7 +265,7 @@ def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse):
     return k_bar, log_count.masked_fill(count == 0, float("-inf")), v_bar
 
 
-def _axial(q, k, v, valid, s, is_causal, scale, correction):
+def _axial(q, k, v, valid, s, is_causal, scale, correction, pooling):
     b, h, length, _ = q.shape
     n = length // s
     qg, kg, vg = (t.reshape(b, h, n, s, t.shape[-1]) for t in (q, k, v))  # (B, H, n rows, s cols, *)
@@ -232,7 +283,7 @@ def _axial(q, k, v, valid, s, is_causal, scale, correction):
     parts, values = [s_row, s_col.transpose(2, 3)], []  # (B, H, n, s, s), (B, H, n, s, n)
     directions = (False,) if is_causal else (False, True)
     for reverse in directions:
-        k_bar, log_count, v_bar = _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse)  # by (col c', row r)
+        k_bar, log_count, v_bar = _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling)  # by (col c', row r)
         s_sum = torch.einsum("bhrcd,bhxrd->bhrcx", qg, k_bar) * scale  # (B, H, n, s, s) [r, c, c']
         s_sum = s_sum + log_count.transpose(2, 3).unsqueeze(-2)  # count of region (c', r)
         parts.append(s_sum.masked_fill(eye_s, neg))  # other columns only
@@ -251,7 +302,7 @@ def _partner(t: Tensor) -> Tensor:
     return t.unflatten(2, (t.shape[2] // 2, 2)).flip(3).flatten(2, 3)
 
 
-def _logsparse(q, k, v, valid, is_causal, scale, correction):
+def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling):
     # At level l a query in block u = i >> l (blocks of 2^l) uses block u - 1 when u is odd (its earlier
     # dyadic block) and, bidirectional, block u + 1 when u is even: always the partner block u ^ 1.
     length = q.shape[2]
@@ -268,7 +319,7 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction):
         used = 2 * n_pairs * size  # a prefix of the padded sequence that holds every query
         qb, kb, vb = (t[:, :, :used].unflatten(2, (2 * n_pairs, size)) for t in (qp, kp, vp))  # (B, H, nl, size, *)
         vm = vmp[:, :, :used].unflatten(2, (2 * n_pairs, size))  # (B', H', nl, size)
-        k_bar, log_count, v_bar = (_partner(t) for t in _summaries(qb, kb, vb, vm, scale, correction))
+        k_bar, log_count, v_bar = (_partner(t) for t in _summaries(qb, kb, vb, vm, scale, correction, pooling))
         s = torch.einsum("bhnsd,bhnd->bhns", qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, nl, size)
         if is_causal:  # only odd blocks look back
             odd = (torch.arange(2 * n_pairs, device=q.device) % 2 == 1).view(-1, 1)
@@ -285,20 +336,20 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction):
     return out, lse
 
 
-def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, need_weights):
+def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, pooling, need_weights):
     dtype, compute = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     length = q.shape[2]
     valid = _key_valid(key_mask, length, q.device)  # (B', H', L)
     if mode == "logsparse":
-        out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction)
+        out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction, pooling)
     else:
         pad = ceil_div(length, block) * block - length
         if pad:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, Lp, *)
             valid = torch.nn.functional.pad(valid, (0, pad), value=False)
         fn = _fixed if mode == "fixed" else _axial
-        out, lse = fn(q, k, v, valid, block, is_causal, scale, correction)
+        out, lse = fn(q, k, v, valid, block, is_causal, scale, correction, pooling)
         out, lse = out[:, :, :length], lse[:, :, :length]
     return out.to(dtype), None, lse.to(dtype)
 
@@ -318,6 +369,7 @@ def combiner_attention(
     key_mask: Tensor | None = None,
     scale: float | None = None,
     count_correction: bool = True,
+    pooling: Literal["mean", "max", "sum"] = "mean",
     return_weights: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
@@ -339,6 +391,10 @@ def combiner_attention(
             pair mask: query-dependent masks cannot pass through region summaries.
         scale: score scale, ``1/sqrt(D)`` when None.
         count_correction: add ``log |region|`` to summary scores (see the module docstring).
+        pooling: how a region's queries and keys are summarised into ``qbar_r`` / ``kbar_r``: ``"mean"``
+            (attnfuse's default, with ``count_correction``), ``"max"`` (elementwise max: the paper's form,
+            with ``count_correction=False``) or ``"sum"`` (the released TF code's axial summaries, whose
+            "cummax" is a cumulative sum). See "Pooling" in the module docstring.
         return_weights: also return the implied attention matrix ``(B, H, L, L)`` (reference path).
         return_lse: also return the log-normaliser ``(B, H, L)`` of the joint softmax (direct scores
             and count-corrected summary scores), ``-inf`` for a query with no valid key; use it to
@@ -351,7 +407,7 @@ def combiner_attention(
     Raises:
         TypeError: non-float inputs, mixed dtypes, non-bool key mask, a pair mask (``mask=``) or ``bias=``.
         ValueError: ranks or lengths that do not match (``L`` of q and k must agree), a key mask of
-            another shape, unknown ``mode``, ``block_size < 1`` or ``block_size`` with ``"logsparse"``.
+            another shape, unknown ``mode`` or ``pooling``, ``block_size < 1`` or ``block_size`` with ``"logsparse"``.
 
     Shapes:
         See :mod:`attnfuse.ops` (B, H, L, D, Dv). Takes: key mask ``(B, L)`` / ``(B, H, L)``;
@@ -370,6 +426,8 @@ def combiner_attention(
                          f"k.shape={tuple(k.shape)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got pooling={pooling!r}")
     if mode == "logsparse":
         if block_size is not None:
             raise ValueError("block_size does not apply to mode='logsparse' (its blocks are dyadic); leave it None")
@@ -390,6 +448,6 @@ def combiner_attention(
     else:
         k, v = drop_masked_keys(k, v, key_mask)  # masked keys never reach a matmul (NaN there included)
         out, weights, lse = impl.fn(q, k, v, mode=mode, block=block_size, is_causal=is_causal, key_mask=key_mask, scale=scale,
-                                    correction=count_correction, need_weights=return_weights)
+                                    correction=count_correction, pooling=pooling, need_weights=return_weights)
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
     return (out, *extra) if extra else out
