@@ -103,6 +103,54 @@ def test_adem_vl_wiring_matches_manual_forward():
     assert torch.equal(model(x, context={"visual": zero}), backbone(x))
 
 
+def test_adem_vl_block_with_learnable_offsets_matches_the_paper_formula():
+    # out = h + FFN(norm h) + alpha * (A * M)(X_v + E2),  A = SiLU(norm h) SiLU(X_v + E1)^T,
+    # M drops the floor(gamma * M_v) lowest scores of each text token; E1 ~ N(0, 0.02^2), E2 = 0 at init.
+    torch.manual_seed(0)
+    backbone = Tiny().eval()
+    fuse = ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.25)
+    model = Inject(backbone, fuse, sites=lambda name, m: name.endswith(".mlp"), query="text", scale=0.1, init=None,
+                   context_tokens=8)
+    assert model.key_offset.shape == model.value_offset.shape == (1, 8, D)
+    assert torch.equal(model.value_offset, torch.zeros(1, 8, D)) and 0.005 < model.key_offset.std() < 0.05
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"key_offset", "value_offset"}
+    with torch.no_grad():
+        model.value_offset.normal_()  # make E2 matter in the comparison
+    g = torch.Generator().manual_seed(3)
+    x, xv = torch.randn(2, 6, 4, generator=g), torch.randn(2, 8, D, generator=g)
+    out = model(x, context={"visual": TokenSet(xv)})
+    e1, e2 = model.key_offset.detach(), model.value_offset.detach()
+    h = backbone.embed(x)
+    for b in backbone.blocks:
+        z = b.norm(h)
+        a = F.silu(z) @ F.silu(xv + e1).transpose(1, 2)  # (B, L, M_v)
+        n_drop = int(0.25 * 8)
+        fused = torch.zeros_like(z)
+        for bi in range(2):
+            for i in range(6):
+                dropped = a[bi, i].argsort()[:n_drop]  # the lowest scores of this text token
+                m = torch.ones(8)
+                m[dropped] = 0.0
+                fused[bi, i] = (a[bi, i] * m) @ (xv[bi] + e2[0])
+        h = h + b.mlp(z) + 0.1 * fused
+    torch.testing.assert_close(out, backbone.head(h), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert model.key_offset.grad.abs().sum() > 0 and model.value_offset.grad.abs().sum() > 0
+
+
+def test_offsets_need_a_fusion_that_takes_them():
+    fusion = CrossAttentionFusion(["text", "visual"], D, heads=2, query="text", key="visual")
+    with pytest.raises(ValueError, match="takes key_offset= and value_offset="):
+        Inject(Tiny(), fusion, sites=["blocks.0"], query="text", context_tokens=9)
+    with pytest.raises(ValueError, match="context_tokens must be a positive int"):
+        Inject(Tiny(), ParameterFreeCrossAttention(["text", "visual"], D), sites=["blocks.0.mlp"], query="text", context_tokens=0)
+    model = Inject(Tiny(), ParameterFreeCrossAttention(["text", "visual"], D), sites=["blocks.0.mlp"], query="text",
+                   context_tokens=5)
+    x, visual = data()
+    with pytest.raises(ValueError, match="key_offset must broadcast"):
+        model(x, context={"visual": visual})  # 9 visual tokens, offsets for 5
+
+
 def test_per_site_modules_query_mask_and_errors():
     torch.manual_seed(0)
     backbone = Tiny().eval()

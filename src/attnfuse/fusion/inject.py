@@ -5,6 +5,14 @@ query at the MLP input, added to the MLP output, ``alpha = 0.1``), VISOR (cross-
 and CCA (the last block). Status: a wiring utility; the zero-initialised gate of
 ``init="identity"`` is an attnfuse design choice (Flamingo-style gating), not from those papers.
 
+ADEM-VL's learnable offsets ``E1`` / ``E2`` (added to the visual keys / values) are owned by ``Inject``
+with ``context_tokens=M_v``: ``key_offset`` ``E1 ~ N(0, 0.02²)`` and ``value_offset`` ``E2 = 0``, each
+``(1, M_v, D)``, passed to the fusion at every site as ``key_offset=`` / ``value_offset=`` (one pair shared
+by every site, as the paper's single ``E1`` / ``E2``). The paper's block is then one ``Inject`` call::
+
+    Inject(lm, ParameterFreeCrossAttention(["text", "visual"], D, drop_ratio=0.1), sites=mlp_sites,
+           query="text", scale=0.1, init=None, context_tokens=320)
+
 Mechanism: a forward hook on every site module. While :meth:`Inject.forward` runs with a
 ``context``, each hook takes the site's input (or output) ``t`` as the query source, calls the
 fusion module with ``{query: TokenSet(t, query_mask), **context}`` and adds ``scale * gate * update``
@@ -13,6 +21,7 @@ to the site's output. The backbone's own modules and state-dict keys are not cha
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -51,11 +60,19 @@ class Inject(nn.Module):
         init: ``"identity"`` adds a learnable scalar gate per site, initialised to 0, so the
             wrapped model equals the backbone at initialisation; None: no gate (gate = 1).
         freeze_backbone: set ``requires_grad=False`` on every backbone parameter.
-        device, dtype: for the gates.
+        context_tokens: ``M_v``, the number of context tokens, to own ADEM-VL's learnable offsets:
+            ``key_offset`` (``E1``, ``N(0, offset_std²)``) and ``value_offset`` (``E2``, zeros), each
+            ``(1, M_v, D)`` with ``D`` the fusion's ``out_dim``, passed to the fusion at every site as
+            ``key_offset=`` / ``value_offset=`` keyword arguments (the fusion must take them, e.g.
+            :class:`ParameterFreeCrossAttention`). None (default): no offsets.
+        offset_std: standard deviation of the initial ``E1`` (ADEM-VL: 0.02).
+        device, dtype: for the gates and offsets.
 
     Raises:
-        ValueError: no site found, an unknown site, a missing per-site fusion, bad options; at call
-            time, an update whose shape differs from the site output.
+        ValueError: no site found, an unknown site, a missing per-site fusion, bad options, offsets for a
+            fusion that does not take ``key_offset`` / ``value_offset``; at call time, an update whose shape
+            differs from the site output (a context whose token count differs from ``context_tokens`` is
+            rejected by the fusion).
 
     Shapes:
         the site tensor ``(B, *tokens, D)``; ``query_mask (B, *tokens)``; the update must have the
@@ -82,6 +99,8 @@ class Inject(nn.Module):
         scale: float = 1.0,
         init: Literal["identity"] | None = "identity",
         freeze_backbone: bool = True,
+        context_tokens: int | None = None,
+        offset_std: float = 0.02,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -118,9 +137,34 @@ class Inject(nn.Module):
         )
         if freeze_backbone:
             backbone.requires_grad_(False)
+        self.key_offset = self.value_offset = None
+        if context_tokens is not None:
+            self._make_offsets(context_tokens, offset_std, device, dtype)
         self._context: Mapping[str, TokenSet] | None = None
         self._query_mask: Tensor | None = None
         self._handles = [modules[n].register_forward_hook(self._hook(n), with_kwargs=True) for n in names]
+
+    def _fusions(self) -> list[nn.Module]:
+        return list(self.fusion.values()) if isinstance(self.fusion, nn.ModuleDict) else [self.fusion]
+
+    def _make_offsets(self, tokens: int, std: float, device, dtype) -> None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"context_tokens must be a positive int (M_v), got {tokens!r}")
+        dims = set()
+        for fusion in self._fusions():
+            params = inspect.signature(fusion.forward).parameters
+            if not {"key_offset", "value_offset"} <= set(params):
+                raise ValueError(f"context_tokens= needs a fusion whose forward takes key_offset= and value_offset= "
+                                 f"(e.g. ParameterFreeCrossAttention); {type(fusion).__name__} does not")
+            dim = getattr(fusion, "out_dim", None)
+            if not isinstance(dim, int):
+                raise ValueError(f"context_tokens= needs the fusion's out_dim to size the offsets; {type(fusion).__name__} has none")
+            dims.add(dim)
+        if len(dims) != 1:
+            raise ValueError(f"every site's fusion must have the same out_dim to share the offsets, got {sorted(dims)}")
+        (dim,) = dims
+        self.key_offset = nn.Parameter(torch.randn(1, tokens, dim, device=device, dtype=dtype) * std)  # E1
+        self.value_offset = nn.Parameter(torch.zeros(1, tokens, dim, device=device, dtype=dtype))  # E2
 
     def _hook(self, site: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -149,7 +193,10 @@ class Inject(nn.Module):
         if mask is not None and mask.shape != source.shape[:-1]:
             raise ValueError(f"query_mask has shape {tuple(mask.shape)}, the query at site {site!r} is {tuple(source.shape[:-1])}")
         axes = ("token",) if source.dim() == 3 else tuple(f"axis{i}" for i in range(source.dim() - 2))
-        result = fusion({self.query: TokenSet(source, mask, axes), **self._context})
+        offsets = {}
+        if self.key_offset is not None:
+            offsets = {"key_offset": self.key_offset.to(source.dtype), "value_offset": self.value_offset.to(source.dtype)}
+        result = fusion({self.query: TokenSet(source, mask, axes), **self._context}, **offsets)
         tokens = result.fused.x if self.fusion_returns == "update" else result.per_source[self.query].x
         if tokens.shape[:-1].numel() != source.shape[:-1].numel():
             raise ValueError(
