@@ -14,7 +14,7 @@ reads a global step. The Dempster–Shafer algebra itself is in :mod:`attnfuse.o
 See ``docs/losses.md``.
 """
 
-from attnfuse.losses.balance import moh_load_balance_loss
+from attnfuse.losses.balance import moh_load_balance_loss, moh_load_balance_total, router_z_loss
 from attnfuse.losses.classification import focal_loss
 from attnfuse.losses.contrastive import ContrastiveTarget, info_nce, info_nce_logits, multi_target_info_nce, st_align_weights
 from attnfuse.losses.evidential import (
@@ -56,7 +56,9 @@ __all__ = [
     "info_nce_logits",
     "kl_annealing_coefficient",
     "moh_load_balance_loss",
+    "moh_load_balance_total",
     "multi_target_info_nce",
+    "router_z_loss",
     "st_align_weights",
     "trajectory_distance",
     "vicreg_covariance",

@@ -22,12 +22,15 @@ and approaches ``k`` when every token picks the same heads with probability ~1. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["moh_load_balance_loss"]
+from attnfuse.ops.moh import MoHRouting
+
+__all__ = ["moh_load_balance_loss", "moh_load_balance_total"]
 
 
 def moh_load_balance_loss(
@@ -98,3 +101,77 @@ def moh_load_balance_loss(
     n_tok = n_tok.clamp_min(1.0)
     loss = ((f.sum(0) / n_tok) * (p.sum(0) / n_tok)).sum()
     return loss * e if normalization == "code" else loss
+
+
+def moh_load_balance_total(
+    routings: Sequence[MoHRouting],
+    *,
+    beta: float = 0.01,
+    reduction: Literal["mean", "sum"] = "mean",
+    normalization: Literal["paper", "code"] = "code",
+) -> Tensor:
+    """``beta`` times the load-balance loss of several MoH layers, averaged (or summed) over the layers.
+
+    The released trainers (``MoH-ViT/engine.py``, ``MoH-DiT/train.py``) add ``0.01 ×`` the **mean** over
+    the MoH layers of the code-normalised loss (``reduction="mean"``, ``normalization="code"``, the
+    defaults here); ``reduction="sum"`` is "``beta · L_b`` per layer". Layers without routed heads and
+    padding tokens (each record's ``token_mask``) are left out.
+
+    Args:
+        routings: one :class:`attnfuse.ops.MoHRouting` per MoH layer (``return_routing=True`` or
+            :func:`attnfuse.nn.collect_routing`).
+        beta: the loss weight (0.01 in the paper and the released code).
+        reduction: ``"mean"`` or ``"sum"`` over the layers.
+        normalization: as :func:`moh_load_balance_loss`.
+
+    Returns:
+        scalar; 0 (a plain tensor) when no layer routes.
+
+    Raises:
+        ValueError: unknown ``reduction`` / ``normalization``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if normalization not in ("paper", "code"):
+        raise ValueError(f"normalization must be 'paper' or 'code', got {normalization!r}")
+    losses = [
+        moh_load_balance_loss(r.probs, r.selected, token_mask=r.token_mask, normalization=normalization)
+        for r in routings if r.probs.shape[-1] > 0 and r.selected.shape[-1] > 0
+    ]
+    if not losses:
+        return torch.zeros(())
+    total = torch.stack(losses).sum()
+    return beta * (total / len(losses) if reduction == "mean" else total)
+
+
+def router_z_loss(router_logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
+    """Router z-loss of ST-MoE (Zoph et al., arXiv 2202.08906), as BAM adds it per MoE layer.
+
+    ``L_z = (1 / T) sum_t (logsumexp_j x_tj)^2`` over the ``T`` (valid) tokens: it keeps the router logits
+    small. ``L_z >= 0``; all-zero logits over ``N`` experts give ``(log N)^2``.
+
+    Args:
+        router_logits: ``(..., N)`` router logits, one row per token.
+        token_mask: optional ``(...)`` bool, True = a real token; padding is left out of the mean.
+
+    Returns:
+        scalar; 0 when no token is valid.
+
+    Raises:
+        TypeError / ValueError: non-floating logits, no expert axis, a mask of the wrong shape.
+
+    Example:
+        >>> router_z_loss(torch.zeros(5, 4))  # (log 4)^2
+        tensor(1.9218)
+    """
+    if not isinstance(router_logits, Tensor) or not router_logits.is_floating_point():
+        raise TypeError("router_logits must be a floating-point tensor (..., N)")
+    if router_logits.dim() < 1 or router_logits.shape[-1] < 1:
+        raise ValueError(f"router_logits must have an expert axis last (..., N), got {tuple(router_logits.shape)}")
+    z = torch.logsumexp(router_logits.float(), dim=-1) ** 2  # (...)
+    if token_mask is not None:
+        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool or token_mask.shape != z.shape:
+            raise ValueError(f"token_mask must be a bool tensor of shape {tuple(z.shape)}")
+        keep = token_mask.to(z.dtype)
+        return (z * keep).sum() / keep.sum().clamp_min(1.0)
+    return z.mean() if z.numel() else z.sum()

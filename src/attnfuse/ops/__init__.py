@@ -82,6 +82,7 @@ from attnfuse.ops.frequency import (
 from attnfuse.ops.halo import halo_attention
 from attnfuse.ops.kernel import kernel_attention
 from attnfuse.ops.merge import merge_attention
+from attnfuse.ops.moh import MoHRouting, mixture_of_heads, moh_route, query_norm_logits
 from attnfuse.ops.neighborhood import neighborhood_attention
 from attnfuse.ops.reference import aggregate, apply_mask, masked_softmax, scores
 from attnfuse.ops.routing import routing_attention
@@ -91,6 +92,7 @@ from attnfuse.ops.wavelet import haar_dwt, haar_idwt
 __all__ = [
     "OPERATORS",
     "Capabilities",
+    "MoHRouting",
     "OpConfig",
     "OperatorSpec",
     "aggregate",
@@ -117,6 +119,8 @@ __all__ = [
     "list_operators",
     "masked_softmax",
     "merge_attention",
+    "mixture_of_heads",
+    "moh_route",
     "neighborhood_attention",
     "op_config",
     "operator",
@@ -125,6 +129,7 @@ __all__ = [
     "patch_autocorrelation",
     "phase_agreement",
     "phase_correlation",
+    "query_norm_logits",
     "routing_attention",
     "scores",
     "silu_kernel_attention",
