@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of neighborhood_attention: tiled vs reference, and reference vs a dense oracle."""
+"""Hypothesis fuzzing of neighborhood_attention (any kernel, stride, border): tiled vs reference, reference vs a dense oracle."""
 
 from __future__ import annotations
 
@@ -19,18 +19,21 @@ F64 = torch.float64
 def cases(draw):
     rank = draw(st.integers(1, 3))
     max_extent = {1: 24, 2: 9, 3: 6}[rank]
-    grid, kernel, dilation, causal = [], [], [], []
+    grid, kernel, dilation, causal, stride = [], [], [], [], []
     for _ in range(rank):
         n = draw(st.integers(1, max_extent))
         d = draw(st.integers(1, max(1, n)))
-        k = draw(st.sampled_from(list(range(1, n // d + 1, 2))))  # odd, k * d <= n
+        k = draw(st.integers(1, n // d))  # odd or even, k * d <= n
         grid.append(n), kernel.append(k), dilation.append(d), causal.append(draw(st.booleans()))
+        stride.append(draw(st.integers(1, k)))
     with_rpb = not any(causal) and draw(st.booleans())
     return {
         "grid": tuple(grid),
         "kernel": tuple(kernel),
         "dilation": tuple(dilation),
         "causal": tuple(causal),
+        "stride": tuple(stride),
+        "border": draw(st.sampled_from(["shift", "clip"])),
         "b": draw(st.integers(1, 2)),
         "h": draw(st.integers(1, 2)),
         "d": draw(st.integers(1, 5)),
@@ -48,7 +51,7 @@ def cases(draw):
 def _inputs(case):
     g = torch.Generator().manual_seed(case["seed"])
     b, h, grid, d, dv = case["b"], case["h"], case["grid"], case["d"], case["dv"]
-    geom = make_geometry(grid, case["kernel"], case["dilation"], case["causal"])
+    geom = make_geometry(grid, case["kernel"], case["dilation"], case["causal"], case["stride"], case["border"])
     q = torch.randn(b, h, *grid, d, generator=g, dtype=F64).requires_grad_()
     k = torch.randn(b, h, *grid, d, generator=g, dtype=F64).requires_grad_()
     v = torch.randn(b, h, *grid, dv, generator=g, dtype=F64).requires_grad_()
@@ -83,7 +86,7 @@ def _grads(out, inputs):
 @given(case=cases())
 def test_tiled_matches_reference_fuzz(tol, case):
     geom, q, k, v, kw = _inputs(case)
-    args = {"dilation": geom.dilation, "is_causal": geom.causal, **kw}
+    args = {"dilation": geom.dilation, "is_causal": geom.causal, "stride": geom.stride, "border": geom.border, **kw}
     want, want_lse = ops.neighborhood_attention(q, k, v, geom.kernel, **args, backend="reference", return_lse=True)
     got, lse = ops.neighborhood_attention(q, k, v, geom.kernel, **args, backend="tiled", return_lse=True)
     assert torch.isfinite(got).all()
@@ -100,8 +103,8 @@ def test_tiled_matches_reference_fuzz(tol, case):
 def test_tiled_any_tile_fuzz(tol, case):
     geom, q, k, v, kw = _inputs(case)
     scale = 1.0 / math.sqrt(case["d"])
-    want = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal,
-                                      key_mask=kw["key_mask"], rpb=kw["rpb"], backend="reference")
+    want = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal, stride=geom.stride,
+                                      border=geom.border, key_mask=kw["key_mask"], rpb=kw["rpb"], backend="reference")
     mask = None if kw["key_mask"] is None else _mask_bhn(kw["key_mask"], geom.rank)
     got, _ = tiled_neighborhood(q, k, v, geom, scale=scale, mask=mask, rpb=kw["rpb"], tile=case["tile"])
     torch.testing.assert_close(got, want, **tol(F64, "fwd"))
@@ -122,7 +125,7 @@ def test_reference_matches_dense_oracle_fuzz(oracle, tol, case):
     if mask is not None:
         dense_mask = allowed & _mask_bhn(mask, geom.rank).unsqueeze(-2)  # (B, Hm, N, N)
     out = ops.neighborhood_attention(q, k, v, geom.kernel, dilation=geom.dilation, is_causal=geom.causal, key_mask=mask,
-                                     backend="reference")
+                                     stride=geom.stride, border=geom.border, backend="reference")
     flat = [t.reshape(b, h, n, -1) for t in (q, k, v)]
     want, _, _ = oracle(*flat, mask=dense_mask)
     torch.testing.assert_close(out, want.reshape(out.shape), **tol(F64, "fwd"))
