@@ -5,6 +5,7 @@ from attnfuse.nn._registry import MODULES, get_module, list_modules, register_mo
 from attnfuse.nn.attention import Attention
 from attnfuse.nn.deconstructed import DeconstructedEncoder, DecoupledAttention, GatedMLPMixer
 from attnfuse.nn.factorized import FactorizedEncoder
+from attnfuse.nn.feature_map import FeatureMapAttention, pad_images, valid_mask
 from attnfuse.nn.gates import CoordinateAttention, ResolutionAwareChannelAttention, SqueezeExcite
 from attnfuse.nn.local import HaloAttention, RoutingAttention
 from attnfuse.nn.moh import MixtureOfHeadAttention, collect_routing, convert_to_moh
@@ -21,6 +22,7 @@ __all__ = [
     "DecoupledAttention",
     "Encoder",
     "FactorizedEncoder",
+    "FeatureMapAttention",
     "GatedMLPMixer",
     "HaloAttention",
     "MixtureOfHeadAttention",
@@ -34,5 +36,7 @@ __all__ = [
     "convert_to_moh",
     "get_module",
     "list_modules",
+    "pad_images",
     "register_module",
+    "valid_mask",
 ]
