@@ -117,7 +117,7 @@ def test_identity_maps_reduce_to_vanilla_average(make_vit):
 
 
 def test_n_parents_uniform_weights(vit_pair):
-    from conftest import permuted_copy
+    from merge_models import permuted_copy
 
     a, b, x, _ = vit_pair
     c, _ = permuted_copy(a, 7)

@@ -13,6 +13,7 @@ See ``docs/merge.md``.
 from attnfuse.merge.fuse import Ensemble, FusionReport, fuse, ot_fuse, vanilla_average
 from attnfuse.merge.graph import Axis, Site, TransportGraph
 from attnfuse.merge.transport import RESIDUAL_POLICIES, combine_maps, transport_map, transport_plan
+from attnfuse.merge.upcycle import bam_upcycle, btx_upcycle, moe_aux_loss
 
 __all__ = [
     "RESIDUAL_POLICIES",
@@ -21,8 +22,11 @@ __all__ = [
     "FusionReport",
     "Site",
     "TransportGraph",
+    "bam_upcycle",
+    "btx_upcycle",
     "combine_maps",
     "fuse",
+    "moe_aux_loss",
     "ot_fuse",
     "transport_map",
     "transport_plan",
