@@ -14,7 +14,7 @@ from attnfuse import ops
 from attnfuse.fusion import EarlyFusion, TokenSet
 from attnfuse.nn import Attention
 from attnfuse.ops.configs import Halo
-from attnfuse.ops.halo import halo_key_sets, halo_windows
+from attnfuse.ops.halo import halo_key_sets, halo_query_blocks, halo_relative_index, halo_relative_logits, halo_windows
 
 F64 = torch.float64
 
@@ -213,3 +213,27 @@ def test_registered_and_used_by_modules():
     out = fusion({"a": TokenSet(torch.randn(2, 5, 16)), "b": TokenSet(torch.randn(2, 6, 16))})
     assert out.fused.x.shape == (2, 12, 16)
     out.fused.x.sum().backward()
+
+
+@pytest.mark.parametrize(("grid", "block", "halo"), [((9,), (4,), (2,)), ((5, 7), (2, 3), (1, 2)), ((4, 3, 5), (2, 2, 3), (1, 0, 1))])
+def test_relative_logits_match_the_pairwise_definition(grid, block, halo):
+    # bias[b, h, n, i, w] = q_i . sum_a r_a[offset_a(i, w)] for every (query in block, key in window) pair
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, *grid, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    tables = [torch.randn(2 * (b + h) - 1, 4, generator=g, dtype=torch.float64, requires_grad=True) for b, h in zip(block, halo)]
+    got = halo_relative_logits(q, tables, block, halo)
+    counts, bq, w = halo_windows(grid, block, halo)
+    assert got.shape == (2, 3, math.prod(counts), bq, w)
+    q_blk = halo_query_blocks(q, block)  # (B, H, NB, Bq, D)
+    index = halo_relative_index(block, halo)  # (k, Bq, W)
+    want = torch.zeros_like(got)
+    for i, j in itertools.product(range(bq), range(w)):
+        emb = sum(t[index[a, i, j]] for a, t in enumerate(tables))  # (D,)
+        want[..., i, j] = q_blk[..., i, :] @ emb
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.sum(), [q, *tables])
+    g_want = torch.autograd.grad(want.sum(), [q, *tables])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="tables must be one"):
+        halo_relative_logits(q, tables[:-1], block, halo)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import halo_attention, routing_attention
-from attnfuse.ops.halo import halo_query_blocks, halo_relative_index
+from attnfuse.ops.halo import halo_relative_index, halo_relative_logits
 from attnfuse.tokens import zero_invalid
 
 __all__ = ["HaloAttention", "RoutingAttention"]
@@ -115,12 +115,7 @@ class HaloAttention(_GridAttention):
         if self.rel_pos == "bias":
             return self.rel[0][(slice(None), *idx)].unsqueeze(1)  # (H, 1, Bq, W)
         if self.rel_pos == "logits":
-            q_blk = halo_query_blocks(q, self.block_size)  # (B, H, NB, Bq, Dh)
-            bias = 0
-            for a, table in enumerate(self.rel):
-                logits = q_blk @ table.t()  # (B, H, NB, Bq, span_a)
-                bias = bias + logits.gather(-1, idx[a].expand(*logits.shape[:3], -1, -1))  # (B, H, NB, Bq, W)
-            return bias
+            return halo_relative_logits(q, list(self.rel), self.block_size, self.halo_size)  # (B, H, NB, Bq, W)
         return None
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
