@@ -263,3 +263,34 @@ def test_matches_natten(grid, kernel, dilation, causal, stride, border):
     for backend in ("reference", "tiled"):
         got = NA(q, k, v, kernel, **kwargs(geom), backend=backend)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("need_lse", [False, True])
+@pytest.mark.parametrize("extras", ["none", "mask_rpb", "bias"])
+def test_tiled_worker_pool_equals_single_call(tol, need_lse, extras):
+    # the no-grad path cuts the tiles into chunks run by a thread pool; it must equal one call
+    from attnfuse.ops.neighborhood.tiled import TiledOptions
+
+    geom = make_geometry((11, 10), (4, 5), 1, False, (2, 1))
+    q, k, v = make_qkv(2, 3, geom.grid, grad=True)
+    g = torch.Generator().manual_seed(2)
+    n = geom.num_tokens
+    mask = (torch.rand(2, 1, n, generator=g) > 0.3) if extras == "mask_rpb" else None
+    rpb = torch.randn(3, *geom.rpb_shape, generator=g, dtype=F64) if extras == "mask_rpb" else None
+    bias = torch.randn(1, 3, n, geom.window_size, generator=g, dtype=F64) if extras == "bias" else None
+    kw = {"scale": 0.3, "mask": mask, "rpb": rpb, "bias": bias, "need_lse": need_lse}
+    with torch.no_grad():
+        one = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=1))
+        pooled = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=2, chunks_per_worker=3))
+    with torch.inference_mode():
+        inf = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=3))
+    for a, b, c in zip(one, pooled, inf):
+        if a is None:
+            assert b is None and c is None
+            continue
+        assert not b.requires_grad
+        torch.testing.assert_close(b, a, **tol(F64, "fwd"))
+        torch.testing.assert_close(c, a, **tol(F64, "fwd"))
+    threads = torch.get_num_threads()
+    tiled_neighborhood(q.detach(), k.detach(), v.detach(), geom, scale=0.3, options=TiledOptions(workers=2))
+    assert torch.get_num_threads() == threads  # the caller's thread count is untouched

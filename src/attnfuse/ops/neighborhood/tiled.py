@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from torch import Tensor
 from attnfuse.ops.neighborhood._windows import Geometry, in_window, window_bounds, window_start
 from attnfuse.ops.reference import masked_softmax
 
-__all__ = ["TilePlan", "default_tile", "plan_rel", "plan_slot", "tile_plan", "tiled_neighborhood"]
+__all__ = ["TilePlan", "TiledOptions", "default_tile", "plan_rel", "plan_slot", "tile_plan", "tiled_neighborhood"]
 
 
 def default_tile(geom: Geometry) -> tuple[int, ...]:
@@ -220,6 +222,72 @@ def _to_bh(t: Tensor, b: int, h: int) -> Tensor:
     return t.expand(b, h, *t.shape[2:]).reshape(b * h, *t.shape[2:])
 
 
+@dataclass(frozen=True, eq=False)
+class TiledOptions:
+    """Per-call knobs of the tiled backend (``backend_options`` style; the defaults are what ``"auto"`` uses).
+
+    Attributes:
+        tile: query tile extent per axis in group positions (default :func:`default_tile`; rounded
+            up to whole stride groups).
+        workers: ``"auto"`` or an int. Without gradients, the tiles are cut into chunks that
+            ``workers`` pool threads (each running single-threaded ATen ops) take one at a time, so a
+            worker that the OS deschedules on a busy machine delays only its chunk, not every op (one
+            OpenMP barrier per op otherwise). ``"auto"`` = ``torch.get_num_threads()`` of the caller;
+            1 (and any call that records gradients, or runs under ``torch.compile``) uses the
+            caller's intra-op threads directly.
+        chunks_per_worker: chunks per worker (more = finer dynamic balancing, smaller matmuls).
+    """
+
+    tile: tuple[int, ...] | None = None
+    workers: int | str = "auto"
+    chunks_per_worker: int = 4
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)  # this worker's own OpenMP / MKL thread count (thread-local in ATen)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers`` threads whose ATen ops run single-threaded.
+
+    ``torch.set_num_threads`` in a worker also stores 1 as the count new threads start with, so once
+    every worker has started the caller's count is stored back; the caller's own count never changes.
+    """
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            caller_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="attnfuse-na", initializer=_single_thread)
+            barrier = threading.Barrier(workers)
+            list(pool.map(lambda _: barrier.wait(), range(workers)))  # start every worker now
+            torch.set_num_threads(caller_threads)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """Whether the call runs eagerly on plain CPU tensors, with no tracing or dispatch mode that pool threads would miss."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if any(x is not None and (type(x) is not Tensor or x.device.type != "cpu") for x in tensors):
+        return False  # fake / functional / subclass tensors (export, make_fx) or another device
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
+
+
+def _resolve_workers(options: TiledOptions, grad: bool, *tensors: Tensor | None) -> int:
+    if grad or not _plain_eager(*tensors):
+        return 1
+    if options.workers == "auto":
+        return torch.get_num_threads()
+    return max(1, int(options.workers))
+
+
 def tiled_neighborhood(
     q: Tensor,
     k: Tensor,
@@ -232,6 +300,7 @@ def tiled_neighborhood(
     rpb: Tensor | None = None,
     need_lse: bool = False,
     tile: tuple[int, ...] | None = None,
+    options: TiledOptions | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Neighborhood attention over query tiles; inputs are assumed validated.
 
@@ -243,20 +312,19 @@ def tiled_neighborhood(
         bias: additive window-slot bias ``(Bb, Hb, N, K)``.
         rpb: relative-position bias ``(H, 2k_0 - 1, ...)``.
         need_lse: also return the log-sum-exp (uses explicit matmuls instead of SDPA).
-        tile: query tile extent per axis (default :func:`default_tile`).
+        tile: query tile extent per axis (overrides ``options.tile``).
+        options: :class:`TiledOptions` (tile, pool workers).
 
     Returns:
         ``(out (B, H, *grid, Dv), lse (B, H, *grid) or None)``.
     """
+    options = options or TiledOptions()
     b, h = q.shape[:2]
-    n, d, dv = geom.num_tokens, q.shape[-1], v.shape[-1]
-    tile = tuple(tile or default_tile(geom))
+    n, dv = geom.num_tokens, v.shape[-1]
+    tile = tuple(tile or options.tile or default_tile(geom))
     plan = tile_plan(geom, tile, q.device)
     nt, t, r = plan.num_tiles, plan.tile_len, plan.region_len
     bh = b * h
-    q_t = _gather_rows(q, plan.q_index, bh, n).view(bh, nt, t, d)  # (BH, nT, T, D)
-    k_t = _gather_rows(k, plan.k_index, bh, n).view(bh, nt, r, d)  # (BH, nT, R, D)
-    v_t = _gather_rows(v, plan.k_index, bh, n).view(bh, nt, r, dv)  # (BH, nT, R, Dv)
 
     allowed = plan.allowed[None, None]  # (1, 1, nT, T, R)
     if mask is not None:
@@ -279,29 +347,54 @@ def tiled_neighborhood(
         row_ok = allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, nT, T, 1)
         allowed = allowed | ~row_ok
 
-    if need_lse:
-        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        s = torch.matmul(q_t.to(compute) * scale, k_t.to(compute).transpose(-1, -2))  # (BH, nT, T, R)
-        if score_bias is not None:
-            s = s + _to_bh(score_bias.to(compute), b, h)
-        s = s.masked_fill(~_to_bh(allowed, b, h), float("-inf"))
-        weights, lse = masked_softmax(s)
-        out = torch.matmul(weights, v_t.to(compute)).to(q.dtype)  # (BH, nT, T, Dv)
-        lse = lse.to(q.dtype)  # (BH, nT, T)
-    else:
-        if score_bias is None and mask is None:
-            attn_mask = _additive_mask(plan, q.dtype)  # (1, nT, T, R)
-        elif score_bias is None:
-            attn_mask = _to_bh(allowed, b, h)  # bool (BH or 1, nT, T, R)
+    def tiles(t0: int, t1: int) -> tuple[Tensor, Tensor | None]:
+        """Tiles ``[t0, t1)``: ``(out (BH, nTc, T, Dv), lse (BH, nTc, T) or None)``."""
+        c = t1 - t0
+        q_t = _gather_rows(q, plan.q_index[t0 * t : t1 * t], bh, n).view(bh, c, t, -1)  # (BH, nTc, T, D)
+        k_t = _gather_rows(k, plan.k_index[t0 * r : t1 * r], bh, n).view(bh, c, r, -1)  # (BH, nTc, R, D)
+        v_t = _gather_rows(v, plan.k_index[t0 * r : t1 * r], bh, n).view(bh, c, r, dv)  # (BH, nTc, R, Dv)
+        allowed_c = allowed[:, :, t0:t1]
+        bias_c = None if score_bias is None else score_bias[:, :, t0:t1]
+        if need_lse:
+            compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+            s = torch.matmul(q_t.to(compute) * scale, k_t.to(compute).transpose(-1, -2))  # (BH, nTc, T, R)
+            if bias_c is not None:
+                s = s + _to_bh(bias_c.to(compute), b, h)
+            s = s.masked_fill(~_to_bh(allowed_c, b, h), float("-inf"))
+            weights, lse_c = masked_softmax(s)
+            out_c = torch.matmul(weights, v_t.to(compute)).to(q.dtype)  # (BH, nTc, T, Dv)
+            lse_c = lse_c.to(q.dtype)  # (BH, nTc, T)
         else:
-            attn_mask = _to_bh(score_bias.to(q.dtype).masked_fill(~allowed, float("-inf")), b, h)
-        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=attn_mask, scale=scale)  # (BH, nT, T, Dv)
-        lse = None
-    if row_ok is not None:
-        ok = _to_bh(row_ok, b, h)  # (BH or 1, nT, T, 1)
-        out = torch.where(ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        if lse is not None:
-            lse = torch.where(ok[..., 0], lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+            if bias_c is None and mask is None:
+                attn_mask = _additive_mask(plan, q.dtype)[:, t0:t1]  # (1, nTc, T, R)
+            elif bias_c is None:
+                attn_mask = _to_bh(allowed_c, b, h)  # bool (BH or 1, nTc, T, R)
+            else:
+                attn_mask = _to_bh(bias_c.to(q.dtype).masked_fill(~allowed_c, float("-inf")), b, h)
+            out_c = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=attn_mask, scale=scale)  # (BH, nTc, T, Dv)
+            lse_c = None
+        if row_ok is not None:
+            ok = _to_bh(row_ok[:, :, t0:t1], b, h)  # (BH or 1, nTc, T, 1)
+            out_c = torch.where(ok, out_c, torch.zeros((), dtype=out_c.dtype, device=out_c.device))
+            if lse_c is not None:
+                lse_c = torch.where(ok[..., 0], lse_c, torch.full((), float("-inf"), dtype=lse_c.dtype, device=lse_c.device))
+        return out_c, lse_c
+
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias, rpb))
+    workers = _resolve_workers(options, grad, q, k, v, mask, bias, rpb)
+    chunks = min(nt, workers * max(1, options.chunks_per_worker))
+    if workers <= 1 or chunks <= 1:
+        out, lse = tiles(0, nt)
+    else:
+        bounds = [round(i * nt / chunks) for i in range(chunks + 1)]
+
+        def chunk(i: int) -> tuple[Tensor, Tensor | None]:
+            with torch.no_grad():  # grad mode is per thread: the caller's does not reach the workers
+                return tiles(bounds[i], bounds[i + 1])
+
+        parts = list(_pool(workers).map(chunk, range(chunks)))
+        out = torch.cat([o for o, _ in parts], dim=1)  # (BH, nT, T, Dv)
+        lse = torch.cat([x for _, x in parts], dim=1) if need_lse else None
     out = _gather_rows(out.reshape(bh, nt * t, dv), plan.out_index, bh, nt * t)  # (BH, N, Dv)
     out = out.view(b, h, *geom.grid, dv)
     if lse is not None:
