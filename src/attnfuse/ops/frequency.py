@@ -46,11 +46,13 @@ __all__ = [
     "laplacian_kernel_3d",
     "oriented_highpass",
     "patch_autocorrelation",
+    "patchify",
     "phase_agreement",
     "phase_correlation",
     "scharr_kernel",
     "sobel_kernel",
     "unit_phasor",
+    "unpatchify",
 ]
 
 
@@ -139,14 +141,9 @@ def patch_autocorrelation(x: Tensor, *, patch: int = 8) -> Tensor:
     Raises:
         ValueError: ``H`` or ``W`` not divisible by ``patch``.
     """
-    h, w = x.shape[-2:]
-    if h % patch or w % patch:
-        raise ValueError(f"patch_autocorrelation: H and W must be divisible by patch={patch}, got {(h, w)=}")
-    p = x.unflatten(-1, (w // patch, patch)).unflatten(-3, (h // patch, patch))  # (*, h/p, p, w/p, p)
-    p = p.transpose(-3, -2)  # (*, h/p, w/p, p, p)
-    spec = torch.fft.rfft2(p)
-    r = torch.fft.irfft2(spec.real.square() + spec.imag.square(), s=(patch, patch))  # (*, h/p, w/p, p, p)
-    return r.transpose(-3, -2).flatten(-2).flatten(-3, -2)  # (*, H, W)
+    spec = torch.fft.rfft2(patchify(x, patch))  # (*, H/p, W/p, p, p/2+1)
+    r = torch.fft.irfft2(spec.real.square() + spec.imag.square(), s=(patch, patch))  # (*, H/p, W/p, p, p)
+    return unpatchify(r)  # (*, H, W)
 
 
 def circular_autocorrelation_reference(a: Tensor) -> Tensor:
@@ -323,3 +320,17 @@ def frequency_decomposition(x: Tensor, *, sigma: float = 2.0, orientations: int 
     FFT stand-ins and no stretching is applied (do it in preprocessing if wanted).
     """
     return gaussian_lowpass(x, sigma=sigma), oriented_highpass(x, orientations=orientations, sigma=sigma)
+
+
+# ------------------------------------------------------------------------------------------------ patches
+def patchify(x: Tensor, patch: int) -> Tensor:
+    """``(*, H, W)`` -> ``(*, H/p, W/p, p, p)``: non-overlapping ``p x p`` patches (``H``, ``W`` divisible by ``p``)."""
+    h, w = x.shape[-2:]
+    if h % patch or w % patch:
+        raise ValueError(f"H and W must be divisible by patch={patch}, got {(h, w)=}")
+    return x.unflatten(-1, (w // patch, patch)).unflatten(-3, (h // patch, patch)).transpose(-3, -2)
+
+
+def unpatchify(p: Tensor) -> Tensor:
+    """Inverse of :func:`patchify`: ``(*, H/p, W/p, p, p)`` -> ``(*, H, W)``."""
+    return p.transpose(-3, -2).flatten(-2).flatten(-3, -2)
