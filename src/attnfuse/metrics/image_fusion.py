@@ -18,7 +18,8 @@ CDDFuse/PIAFusion ``Evaluator``), with these choices stated:
 * Qabf (Xydeas & Petrović 2000) uses 3×3 Sobel filters with zero padding (MATLAB ``conv2(…, 'same')``),
   orientation ``atan(g_y / g_x)`` (π/2 where ``g_x = 0``) and ``G = min(g_X, g_F) / max(g_X, g_F)``.
   Perfect edge transfer scores ``Γ_g/(1+e^{κ_g(1−σ_g)}) · Γ_α/(1+e^{κ_α(1−σ_α)}) = 0.97479`` (:data:`QABF_MAX`),
-  not 1. An image pair without any edge (all gradients zero) scores 0;
+  not 1. An image pair without any edge (all gradients zero) scores 0; with zero padding a constant non-zero
+  image has edges on its border;
 * VIF is the pixel-domain, 4-scale VIF-P (Sheikh & Bovik 2006; σ_n² = 2) of torchmetrics
   (``visual_information_fidelity``), ``VIF(A, F) + VIF(B, F)``; images must be at least 41×41. A constant
   source has no information to preserve and gives NaN.
