@@ -4,6 +4,7 @@ from attnfuse.nn import _builtin  # noqa: F401  (registry entries of the modules
 from attnfuse.nn._registry import MODULES, get_module, list_modules, register_module
 from attnfuse.nn.attention import Attention
 from attnfuse.nn.deconstructed import DeconstructedEncoder, DecoupledAttention, GatedMLPMixer
+from attnfuse.nn.edge import AdaptiveEdgeBlend, EdgeOperator
 from attnfuse.nn.factorized import FactorizedEncoder
 from attnfuse.nn.feature_map import FeatureMapAttention, pad_images, valid_mask
 from attnfuse.nn.frequency import (
@@ -26,12 +27,14 @@ from attnfuse.nn.transformer import MLP, Encoder, TransformerBlock
 __all__ = [
     "MLP",
     "MODULES",
+    "AdaptiveEdgeBlend",
     "AdaptiveLaplacianConv",
     "Attention",
     "AutocorrelationFFN",
     "CoordinateAttention",
     "DeconstructedEncoder",
     "DecoupledAttention",
+    "EdgeOperator",
     "Encoder",
     "FactorizedEncoder",
     "FeatureMapAttention",
