@@ -220,3 +220,22 @@ def test_errors_name_the_argument():
         fusion_ssim(f, a, b, reduce="max")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\) or \(H, W\)"):
         entropy(f[0])
+
+
+def test_a_metric_collection_of_all_fusion_metrics_with_forward_and_merged_states():
+    from torchmetrics import MetricCollection
+
+    f, a, b = _scene(b=2)
+    metrics = {"en": Entropy(), "sd": StandardDeviation(), "sf": SpatialFrequency(), "ag": AverageGradient(),
+               "mi": FusionMI(), "qabf": Qabf(), "ssim": FusionSSIM(), "vif": FusionVIF()}
+    coll = MetricCollection(metrics)
+    batch = coll(f[:1], a[:1], b[:1])  # forward: the value of this batch, and accumulated
+    assert batch["qabf"].item() == pytest.approx(qabf(f[:1], a[:1], b[:1]).item(), rel=1e-6)
+    coll.update(f[1:], a[1:], b[1:])
+    assert coll.compute()["en"].item() == pytest.approx(entropy(f).mean().item(), rel=1e-6)
+    # states merge as DDP would combine two processes
+    left, right = Qabf(), Qabf()
+    left.update(f[:1], a[:1], b[:1])
+    right.update(f[1:], a[1:], b[1:])
+    left.merge_state(right)
+    assert left.compute().item() == pytest.approx(qabf(f, a, b).mean().item(), rel=1e-6)

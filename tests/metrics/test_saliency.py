@@ -180,3 +180,13 @@ def test_input_conventions_and_errors():
         s_measure(pred, gt[..., :-1])
     with pytest.raises(ValueError, match="variant must be"):
         FMeasure(variant="best")
+
+
+def test_forward_and_merged_states():
+    pred, gt = _case(b=4)
+    left, right = FMeasure(), FMeasure()
+    value = left(pred[:2], gt[:2])  # forward: this batch's max-F
+    assert value.item() == pytest.approx(f_measure_curve(pred[:2], gt[:2]).mean(0).max().item(), abs=1e-6)
+    right.update(pred[2:], gt[2:])
+    left.merge_state(right)
+    assert left.compute().item() == pytest.approx(f_measure_curve(pred, gt).mean(0).max().item(), abs=1e-6)

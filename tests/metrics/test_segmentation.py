@@ -129,3 +129,12 @@ def test_errors():
         dice(a.float(), torch.full((1, 1, 4, 4), 0.3))
     with pytest.raises(ValueError, match="average must be"):
         Dice(average="micro")
+
+
+def test_forward_and_merged_states():
+    p, g = _blobs(b=3, seed=9), _blobs(b=3, seed=10)
+    left, right = Dice(average="none"), Dice(average="none")
+    torch.testing.assert_close(left(p[:1], g[:1]), dice(p[:1], g[:1])[0])
+    right.update(p[1:], g[1:])
+    left.merge_state(right)
+    torch.testing.assert_close(left.compute(), dice(p, g).mean(0))

@@ -84,7 +84,7 @@ def dice(pred: Tensor, target: Tensor, *, threshold: float = 0.5, empty: float =
     """
     p, t = _binary(pred, target, threshold)
     if p.shape[0] == 0:
-        return torch.zeros(p.shape[:2])
+        return torch.zeros(p.shape[:2], device=p.device)
     d = dice_score(p.long(), t.long(), num_classes=p.shape[1], include_background=True, average="none",
                    input_format="one-hot")
     d = d.reshape(p.shape[:2]).float()
@@ -151,7 +151,7 @@ def hd95(pred: Tensor, target: Tensor, *, spacing: Sequence[float] | None = None
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     b, r = p.shape[:2]
-    out = torch.zeros(b, r, dtype=torch.float64)
+    out = torch.zeros(b, r, dtype=torch.float64, device=p.device)
     if b * r == 0:
         return out
     sp, st = surface(p.flatten(0, 1)), surface(t.flatten(0, 1))

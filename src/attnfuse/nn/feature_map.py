@@ -41,7 +41,7 @@ def feature_map_support(spec: OperatorSpec) -> str | None:
     """Why operator ``spec`` cannot run on a feature map, or None if it can.
 
     Sequence operators take the pixels flattened (row-major), grid operators take the pixel grid; any other
-    layout cannot take a grid. Masked (padded) batches also need the operator to take a key mask.
+    layout cannot take a grid. (Every registered operator takes a key mask, which padded batches need.)
     """
     if spec.layout not in GRID_LAYOUTS:
         return f"operator {spec.name!r} has layout {spec.layout!r}; a feature map needs one of {GRID_LAYOUTS}"
