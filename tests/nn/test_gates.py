@@ -265,3 +265,28 @@ def test_rca_presets_widths_and_permutation():
     torch.testing.assert_close(modis(x.flatten(2)[..., pix].view_as(x)), modis(x).flatten(2)[..., pix].view_as(x))
     with pytest.raises(ValueError, match="source"):
         ResolutionAwareChannelAttention(9, source="landsat")
+
+
+def test_mpfnet_released_variant_is_a_pointwise_gate():
+    torch.manual_seed(4)
+    for axes, shape in ((2, (2, 16, 5, 6)), (3, (2, 16, 3, 4, 5))):
+        released = CoordinateAttention(16, axes=axes, variant="released").eval()
+        x = torch.randn(shape)
+        n = x[0, 0].numel()
+        pix = torch.randperm(n)
+        scrambled = x.flatten(2)[..., pix].view_as(x)
+        # equivariant to ANY voxel permutation (no pooling), unlike the strip-pooled block (tested above)
+        torch.testing.assert_close(released(scrambled).flatten(2), released(x).flatten(2)[..., pix])
+        y, g_c, g_s = released(x, return_gates=True)
+        torch.testing.assert_close(y, x * g_c * g_s)
+        assert ((g_c > 0) & (g_c < 1)).all() and (y.abs() <= x.abs()).all()
+    with pytest.raises(ValueError, match="variant"):
+        CoordinateAttention(16, variant="paper")
+
+
+def test_se_gate_fixed_at_one_is_identity():
+    se = SqueezeExcite(8, reduction=2)
+    with torch.no_grad():
+        se.fc2.weight.zero_(), se.fc2.bias.fill_(60.0)  # sigmoid(60) == 1 in float32
+    x = torch.randn(2, 8, 3, 4)
+    assert torch.equal(se(x), x)

@@ -230,6 +230,10 @@ class CoordinateAttention(nn.Module):
         preset: ``"official"`` (houqb/CoordAttention defaults: r = 32, min width 8, biases, BN, h_swish,
             sigmoid) or ``"timm"`` (timm 1.0.31 ``CoordAttn`` defaults); explicit arguments still apply
             for anything a preset does not fix (``preset="timm"`` sets ``width`` and ``bias``).
+        variant: ``"intended"`` (strip-pooled coordinate attention, above) or ``"released"``: MPFNet's released
+            ``CoordinateAttention`` (Mac0504/MPFNet ``CA-I3D.py``), which has no pooling at all:
+            ``y = x ⊙ σ(MLP_c(x)) ⊙ σ(MLP_s(x))`` with 1x1(x1) conv MLPs ``C -> C -> C`` (ReLU, biases); a
+            pointwise gate, equivariant to any pixel permutation. ``return_gates`` then returns ``(y, g_c, g_s)``.
         device, dtype: for the parameters.
 
     Raises:
@@ -266,10 +270,14 @@ class CoordinateAttention(nn.Module):
         axes: int = 2,
         skip: bool = False,
         preset: str | None = None,
+        variant: str = "intended",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if variant not in ("intended", "released"):
+            raise ValueError(f"variant must be 'intended' or 'released', got {variant!r}")
+        self.variant = variant
         if axes not in _AXIS_NAMES:
             raise ValueError(f"axes must be 2 or 3, got {axes=}")
         if channels <= 0 or reduction <= 0:
@@ -291,6 +299,11 @@ class CoordinateAttention(nn.Module):
         m = width if width is not None else max(min_width, channels // reduction)
         self.width = m
         dd = {"device": device, "dtype": dtype}
+        if variant == "released":  # MPFNet's released "CoordinateAttention": a pointwise gate, no pooling
+            conv = nn.Conv2d if axes == 2 else nn.Conv3d
+            self.mlp_c = nn.Sequential(conv(channels, channels, 1, **dd), nn.ReLU(), conv(channels, channels, 1, **dd))
+            self.mlp_s = nn.Sequential(conv(channels, channels, 1, **dd), nn.ReLU(), conv(channels, channels, 1, **dd))
+            return
         self.conv1 = nn.Conv2d(channels, m, 1, bias=bias, **dd)
         self.bn1 = nn.BatchNorm2d(m, **dd) if norm == "batch" else nn.Identity()
         self.act = _act(act)
@@ -302,6 +315,11 @@ class CoordinateAttention(nn.Module):
 
     def forward(self, x: Tensor, return_gates: bool = False) -> Tensor | tuple[Tensor, ...]:
         _check_input(x, self.channels, self.axes, "CoordinateAttention")
+        if self.variant == "released":
+            g_c, g_s = _GATES[self.gate](self.mlp_c(x)), _GATES[self.gate](self.mlp_s(x))
+            y = x * g_c * g_s
+            y = y + x if self.skip else y
+            return (y, g_c, g_s) if return_gates else y
         names = _AXIS_NAMES[self.axes]
         spatial = list(range(2, 2 + self.axes))
         strips, lengths = [], []
