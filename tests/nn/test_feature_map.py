@@ -123,6 +123,9 @@ def test_volumes_and_cross_attention_with_a_context_map():
     vol = torch.randn(2, DIM, 3, 4, 5)
     m = FeatureMapAttention(DIM, HEADS, op="dense").eval()
     assert m(vol, torch.ones(2, 3, 4, 5, dtype=torch.bool)).shape == vol.shape
+    out, weights = m(vol, return_weights=True)
+    assert out.shape == vol.shape and weights.shape == (2, HEADS, 60, 60)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, HEADS, 60))
     cross = FeatureMapAttention(DIM, HEADS, op="dense", context_dim=4).eval()
     ctx, ctx_mask = pad_images([torch.randn(4, 3, 3), torch.randn(4, 2, 1)])
     x = torch.randn(2, DIM, 5, 6)
