@@ -26,7 +26,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: environment variable with the intra-op thread count of every command (``--threads N`` wins)
 THREADS_ENV_VAR = "ATTNFUSE_THREADS"
 #: import name -> distribution name, where they differ (to find which extra provides a missing module)
-_DISTRIBUTIONS = {"yaml": "pyyaml", "sentence_transformers": "sentence-transformers", "sklearn": "scikit-learn"}
+_DISTRIBUTIONS = {"yaml": "pyyaml", "sentence_transformers": "sentence-transformers", "sklearn": "scikit-learn", "ot": "pot"}
 
 
 def _core_registries() -> dict[str, dict]:
@@ -239,6 +239,31 @@ def _bench(args: argparse.Namespace) -> int:
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """``attnfuse merge``: fuse fit checkpoints into one (:func:`attnfuse.train.merge.merge_checkpoints`)."""
+    import yaml
+
+    from attnfuse.train.console import quiet_console
+    from attnfuse.train.merge import merge_checkpoints
+
+    config = None
+    if args.config:
+        try:
+            with open(args.config) as f:
+                config = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise FileNotFoundError(f"cannot read --config {args.config!r}: {err.strerror}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--config {args.config!r} must hold a mapping with data / model / trainer sections")
+    with quiet_console():
+        record = merge_checkpoints(args.models, output=args.output, method=args.method, config=config, anchor=args.anchor,
+                                   mode=args.mode, solver=args.solver, reg=args.reg, residual=args.residual,
+                                   samples=args.samples, overwrite=args.overwrite)
+    print(f"wrote {record['output']} (+ .sha256): {args.method} of {len(args.models)} checkpoints; evaluate it with "
+          f"attnfuse test --config <fit config> --ckpt_path {record['output']}")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from attnfuse.cli.quickstart import run_quickstart
 
@@ -356,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
                "--model.*, --data.*, --trainer.*; also --threads N).\n"
                "Training commands need the train extra: pip install \"attnfuse[train]\".")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(
-        [*LIGHTNING_COMMANDS, "list", "describe", "demo", "seeds", "quickstart", "bench"]) + "}")
+        [*LIGHTNING_COMMANDS, "list", "describe", "demo", "seeds", "quickstart", "bench", "merge"]) + "}")
     for name in LIGHTNING_COMMANDS:  # listed for the help; main() hands them to LightningCLI before this parser runs
         sub.add_parser(name, help=_LIGHTNING_HELP[name], add_help=False)
     sub.add_parser("list", help="registered operators, fusions, tasks and datasets").set_defaults(fn=_list)
@@ -387,6 +412,22 @@ def _parser() -> argparse.ArgumentParser:
                        "a checkout (or --repo PATH); e.g. bench --quick --only dense")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="[--repo PATH] and the arguments of python -m benchmarks.run")
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("merge", help="fuse fit checkpoints into one (optimal-transport fusion or weight averaging; "
+                       "needs the merge extra for ot); see docs/merge.md")
+    p.add_argument("--models", nargs="+", required=True, help="two or more checkpoints written by attnfuse fit")
+    p.add_argument("--method", choices=("ot", "average"), default="ot", help="ot: optimal-transport fusion; average: vanilla")
+    p.add_argument("--config", default=None, help="the fit config: its data gives the activations of OT fusion")
+    p.add_argument("--output", required=True, help="the merged checkpoint (a .sha256 is written beside it)")
+    p.add_argument("--anchor", type=int, default=-1, help="index of the anchor model (default: the last)")
+    p.add_argument("--mode", choices=("acts", "wts"), default=None, help="OT cost (default: acts with --config, else wts)")
+    p.add_argument("--solver", choices=("sinkhorn", "emd"), default="sinkhorn", help="soft or hard OT")
+    p.add_argument("--reg", type=float, default=0.08, help="Sinkhorn regularisation")
+    p.add_argument("--residual", default="mean", choices=("mean", "weighted_scalar", "only_resid", "no_resid", "acts"),
+                   help="how transport maps combine at residual joins")
+    p.add_argument("--samples", type=int, default=200, help="training samples for the activations")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--threads", type=_threads_arg, default=None, help=THREADS_HELP)
+    p.set_defaults(fn=_merge)
     return parser
 
 
