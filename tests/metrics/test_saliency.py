@@ -170,6 +170,7 @@ def test_input_conventions_and_errors():
     pred, gt = _case(b=1)
     p8, g8 = (pred * 255).floor().to(torch.uint8), gt.to(torch.uint8) * 255
     torch.testing.assert_close(f_measure_curve(p8, g8), f_measure_curve(p8.double() / 255, gt))
+    torch.testing.assert_close(s_measure(pred, gt.to(torch.uint8)), s_measure(pred, gt))  # a 0/1 label map
     # normalize=True: the toolkits' min–max normalisation
     scaled = pred * 0.5 + 0.2
     torch.testing.assert_close(s_measure(scaled, gt, normalize=True),

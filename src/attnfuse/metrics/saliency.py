@@ -3,7 +3,8 @@
 Definitions follow the SOD evaluation toolkits (Fan et al.'s MATLAB toolbox, PySODMetrics; the GL-DMNet authors'
 toolkit), re-implemented in torch; see ``docs/metrics.md``. Inputs: a saliency map ``pred`` in ``[0, 1]`` and a
 binary ground truth ``gt`` (bool, or values in [0, 1] binarised at ``> 0.5``, as the toolkits' ``gt > 128``), of shape
-``(B, 1, H, W)`` or one ``(H, W)`` map (0-d results). Conventions:
+``(B, 1, H, W)`` or one ``(H, W)`` map (0-d results); integer maps are 8-bit (``pred / 255``; ``gt`` 0/255 binarised
+at ``> 128`` as the toolkits, or a 0/1 label map). Conventions:
 
 * the toolkits min–max normalise each 8-bit prediction first; we do not (pass ``normalize=True`` to do so);
 * thresholded curves use 256 thresholds ``t/255``, ``t = 0..255``, on the prediction quantised as
@@ -60,10 +61,10 @@ def _prepare(pred: Tensor, gt: Tensor, normalize: bool) -> tuple[Tensor, Tensor,
     check_range(p, "pred", 1.0)
     g = g4[:, 0]
     if g.dtype != torch.bool:
-        g = g.to(torch.float64)
-        if not g4.is_floating_point():
-            g = g / 255.0
-        g = g > 0.5
+        if g4.is_floating_point():
+            g = g > 0.5
+        else:  # 8-bit masks (0 / 255, binarised > 128 as the toolkits) or 0 / 1 label maps
+            g = g > (128 if g.numel() and g.max() > 1 else 0)
     return p, g, single
 
 
