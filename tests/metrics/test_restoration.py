@@ -106,3 +106,26 @@ def test_errors_name_the_argument():
         ssim(pred, target, crop_border=8)
     with pytest.raises(ValueError, match="data_range must be > 0"):
         psnr(pred, target, data_range=0)
+
+
+def test_logged_from_a_lightning_module_over_several_batches():
+    lightning = pytest.importorskip("lightning")
+    pred, target = _pair(b=5, dtype=torch.float32)
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.psnr, self.ssim = PSNR(), SSIM()
+
+        def validation_step(self, batch, _):
+            p, t = batch
+            self.psnr.update(p, t)
+            self.ssim.update(p, t)
+            self.log_dict({"val/psnr": self.psnr, "val/ssim": self.ssim}, on_epoch=True, batch_size=p.shape[0])
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pred, target), batch_size=2)
+    trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                enable_checkpointing=False)
+    (logged,) = trainer.validate(Module(), loader, verbose=False)
+    assert logged["val/psnr"] == pytest.approx(psnr(pred, target).mean().item(), abs=1e-4)  # batches of 2, 2, 1
+    assert logged["val/ssim"] == pytest.approx(ssim(pred, target).mean().item(), abs=1e-5)
