@@ -281,9 +281,9 @@ def test_tiled_worker_pool_equals_single_call(tol, need_lse, extras):
     kw = {"scale": 0.3, "mask": mask, "rpb": rpb, "bias": bias, "need_lse": need_lse}
     with torch.no_grad():
         one = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=1))
-        pooled = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=2, chunks_per_worker=3))
+        pooled = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=2, chunks_per_worker=3, min_pool_work=0))
     with torch.inference_mode():
-        inf = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=3))
+        inf = tiled_neighborhood(q, k, v, geom, **kw, options=TiledOptions(workers=3, min_pool_work=0))
     for a, b, c in zip(one, pooled, inf):
         if a is None:
             assert b is None and c is None
@@ -291,6 +291,9 @@ def test_tiled_worker_pool_equals_single_call(tol, need_lse, extras):
         assert not b.requires_grad
         torch.testing.assert_close(b, a, **tol(F64, "fwd"))
         torch.testing.assert_close(c, a, **tol(F64, "fwd"))
+    from attnfuse.ops.neighborhood import tiled
+
+    assert {2, 3} <= set(tiled._POOLS)  # the pooled path ran
     threads = torch.get_num_threads()
-    tiled_neighborhood(q.detach(), k.detach(), v.detach(), geom, scale=0.3, options=TiledOptions(workers=2))
+    tiled_neighborhood(q.detach(), k.detach(), v.detach(), geom, scale=0.3, options=TiledOptions(workers=2, min_pool_work=0))
     assert torch.get_num_threads() == threads  # the caller's thread count is untouched

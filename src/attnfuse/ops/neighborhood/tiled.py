@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,15 +237,28 @@ class TiledOptions:
             1 (and any call that records gradients, or runs under ``torch.compile``) uses the
             caller's intra-op threads directly.
         chunks_per_worker: chunks per worker (more = finer dynamic balancing, smaller matmuls).
+        min_pool_work: smallest call (score multiply-adds, ``B*H*nT*T*R*D``) that uses the pool;
+            below it the hand-off costs more than it saves.
     """
 
     tile: tuple[int, ...] | None = None
     workers: int | str = "auto"
     chunks_per_worker: int = 4
+    min_pool_work: int = 1 << 24
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_pools_after_fork() -> None:
+    global _POOL_LOCK
+    _POOLS.clear()  # a forked child (e.g. a DataLoader worker) has none of the parent's threads
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def _single_thread() -> None:
@@ -383,7 +397,7 @@ def tiled_neighborhood(
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias, rpb))
     workers = _resolve_workers(options, grad, q, k, v, mask, bias, rpb)
     chunks = min(nt, workers * max(1, options.chunks_per_worker))
-    if workers <= 1 or chunks <= 1:
+    if workers <= 1 or chunks <= 1 or bh * nt * t * r * q.shape[-1] < options.min_pool_work:
         out, lse = tiles(0, nt)
     else:
         bounds = [round(i * nt / chunks) for i in range(chunks + 1)]
