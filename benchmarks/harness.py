@@ -11,18 +11,21 @@ Records are plain dicts: ``op, backend, variant, pass, shape, dtype, device, ms`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_DIR", "environment", "markdown_table", "pick_device", "record", "report", "time_interleaved"]
+__all__ = ["RESULTS_DIR", "competing_load", "environment", "markdown_table", "pick_device", "record", "report", "time_interleaved"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -142,3 +145,40 @@ def report(name: str, records: Sequence[Mapping[str, Any]], *, columns: Sequence
     path.write_text(json.dumps({"name": name, "environment": environment(), "records": list(records)}, indent=2) + "\n")
     print(f"(written to {path})")
     return table
+
+
+#: The busy loop a competing process runs: single-threaded fp32 matmuls until it is terminated.
+_BUSY_LOOP = (
+    "import sys, torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(256, 256)\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    a = torch.tanh(a @ a)\n"
+)
+
+
+@contextlib.contextmanager
+def competing_load(processes: int = 1) -> Iterator[list[int]]:
+    """Run ``processes`` busy single-threaded matmul loops beside the ``with`` block (a noisy neighbour).
+
+    Each is a separate Python process started here and terminated (by its own pid) on exit; the block
+    starts once every process has reported that it runs. Yields their pids.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(processes)
+    ]
+    try:
+        for p in procs:
+            p.stdout.readline()  # "ready"
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -189,7 +189,7 @@ def test_sparse_equals_dense_forward_and_gradients(causal, kind, lq, shared, top
 
 
 def test_sparse_skips_unselected_pairs_and_heads():
-    """A NaN query at a skipped (token, head) never reaches the result: it is not computed."""
+    """A NaN query at a skipped (token, head) never reaches the result (padding rows are dropped with where)."""
     q, k, v = _qkv(b=2, h=4, lq=12)
     gates = _gates(2, 12, 4, 1, 1).clone()
     gates[:, :, 3] = 0.0  # head 3 unused by every token
@@ -248,3 +248,25 @@ def test_active_fraction_and_head_load():
     r = moh_route(torch.randn(3, 8, 6), 2, shared=2, mix_logits=torch.randn(3, 8, 2))
     torch.testing.assert_close(r.active_fraction(), torch.full((3, 8), 0.5))
     assert math.isclose(r.head_load().sum().item(), 2.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparse_imbalanced_routing_runs_heads_one_by_one(causal):
+    """Heads used by very different numbers of tokens take the per-head path (no batching to the largest)."""
+    b, h, lq = 2, 4, 40
+    q, k, v = _qkv(b=b, h=h, lq=lq, grad=True)
+    g = torch.Generator().manual_seed(7)
+    gates = torch.zeros(b, lq, h, dtype=F64)
+    gates[..., 0] = 1.0  # shared
+    gates[..., 1] = (torch.rand(b, lq, generator=g) < 0.9).to(F64) * 1.5  # ~90 % of the tokens
+    gates[..., 2] = (torch.rand(b, lq, generator=g) < 0.1).to(F64) * 0.5  # ~10 %
+    gates.requires_grad_(True)
+    km = torch.ones(b, lq, dtype=torch.bool)
+    km[1, :3] = False
+    dense = mixture_of_heads(q, k, v, gates, key_mask=km, is_causal=causal)
+    sparse = mixture_of_heads(q, k, v, gates, key_mask=km, is_causal=causal, compute="sparse")
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
+    gd = torch.autograd.grad(dense.sum(), (q, k, v))
+    gs = torch.autograd.grad(sparse.sum(), (q, k, v))
+    for a, c in zip(gd, gs):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)

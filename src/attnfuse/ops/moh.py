@@ -39,6 +39,7 @@ import math
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnfuse.ops._checks import check_key_mask, check_mask, check_qkv
@@ -307,71 +308,111 @@ def mixture_of_heads(
             out, weights = dense_attention(q, k, v, return_weights=True, backend="reference", **call)
             return out * g, weights * g
         return dense_attention(q, k, v, backend=backend, **call) * g
-    return _sparse(q, k, v, gates, km, mask, scale, is_causal, backend) * g
+    return _sparse(q, k, v, gates.to(q.dtype), km, mask, scale, is_causal)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool, scale: float | None,
+            may_be_empty: bool = True) -> Tensor:
+    """SDPA over ``q (B, H', n, D)`` with an optional bool pair mask ``allowed`` broadcastable to ``(B, H', n, S)``.
+
+    A row with no allowed key gets every key unmasked for the kernel and is zeroed afterwards (its
+    gradient is then exactly 0), as :func:`attnfuse.ops.dense_attention`'s SDPA backend;
+    ``may_be_empty=False`` skips that guard where every row has a key (a causal mask without key or pair masks).
+    """
+    if allowed is not None and not may_be_empty:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    row_ok = allowed.any(dim=-1, keepdim=True)  # (B?, H?, n, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~row_ok, scale=scale)
+    return torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def _sparse(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, km: Tensor | None, mask: Tensor | None,
-            scale: float | None, is_causal: bool, backend: str) -> Tensor:
-    """Per-head outputs ``(B, H, L, Dv)`` (ungated) computed only where the gate is non-zero; 0 elsewhere."""
+            scale: float | None, is_causal: bool) -> Tensor:
+    """Gated per-head outputs ``(B, H, L, Dv)`` computed only where the gate is non-zero; 0 elsewhere.
+
+    Calls SDPA directly (the masks are built here). Rows gathered only to pad a head's batch rows to the
+    same count are real queries at inactive positions; their gate 0 drops them.
+    """
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[-1]
+    if km is not None:  # masked keys and values never reach a matmul (NaN there included)
+        keep = km.unsqueeze(-1)  # (B', H', S, 1)
+        k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+        v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
     active = (gates != 0).transpose(1, 2)  # (B, H, L)
     counts = active.sum(-1)  # (B, H)
-    full = (counts == lq).all(0)  # (H,) heads every token of every row uses
-    most = counts.amax(0).tolist()  # (H,) the most active queries any batch row has, per head
-    full_heads = [i for i in range(h) if bool(full[i])]
-    outs: list[Tensor | None] = [None] * h
+    stats = torch.stack([(counts == lq).all(0).to(counts.dtype), counts.amax(0)]).tolist()  # one sync
+    full_heads = [i for i in range(h) if stats[0][i]]
+    most = stats[1]  # per head: the most active queries any batch row has
     pair = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B?, H?, L?, S)
+    out = q.new_zeros(b, h, lq, dv)
 
-    def head_key_mask(idx: list[int] | int) -> Tensor | None:
+    def key_rows(idx: list[int] | slice) -> Tensor | None:  # the key mask as a pair mask (B', H'', 1, S)
         if km is None:
             return None
-        return km if km.shape[1] == 1 else km[:, idx] if isinstance(idx, list) else km[:, idx:idx + 1]
+        return (km if km.shape[1] == 1 else km[:, idx]).unsqueeze(-2)
 
     if full_heads:
-        sel = full_heads
-        pm = None if pair is None else (pair if pair.shape[1] == 1 else pair[:, sel])
-        o = dense_attention(q[:, sel], k[:, sel], v[:, sel], key_mask=head_key_mask(sel), mask=pm, scale=scale,
-                            is_causal=is_causal, backend=backend)  # (B, |sel|, L, Dv)
-        for j, i in enumerate(sel):
-            outs[i] = o[:, j]
-    positions = torch.arange(lk, device=q.device)  # (S,)
-    for i in range(h):
-        if outs[i] is not None:
-            continue
-        n = int(most[i])
-        if n == 0:
-            outs[i] = q.new_zeros(b, lq, dv)
-            continue
-        # active positions first, in position order; then (padding) inactive ones
-        order = torch.argsort((~active[:, i]).to(torch.uint8), dim=1, stable=True)[:, :n]  # (B, n)
-        valid = torch.arange(n, device=q.device) < counts[:, i:i + 1]  # (B, n)
-        q_sel = q[:, i].gather(1, order.unsqueeze(-1).expand(b, n, d))  # (B, n, D)
-        rows = valid.unsqueeze(-1)  # (B, n, 1): padding rows get no key -> exact zeros
+        sel = full_heads if len(full_heads) < h else slice(None)
+        allowed = key_rows(sel)
         if pair is not None:
-            ph = pair[:, 0 if pair.shape[1] == 1 else i]  # (B?, L?, S)
-            ph = ph.expand(b, lq, lk).gather(1, order.unsqueeze(-1).expand(b, n, lk))  # (B, n, S)
-            rows = rows & ph
-        spans = [(0, n)]
-        if is_causal:
+            ph = pair if pair.shape[1] == 1 else pair[:, sel]
+            allowed = ph if allowed is None else allowed & ph
+        if allowed is not None and is_causal:
+            allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        o = _attend(q[:, sel], k[:, sel], v[:, sel], allowed, is_causal and allowed is None, scale)  # (B, |sel|, L, Dv)
+        o = o * gates[:, :, sel].transpose(1, 2).unsqueeze(-1)
+        if isinstance(sel, slice):
+            return o
+        out[:, sel] = o
+    positions = torch.arange(lk, device=q.device)  # (S,)
+    gates_h = gates.transpose(1, 2)  # (B, H, L)
+
+    def run_group(idx: list[int], n: int) -> None:
+        """The heads ``idx`` in one batched call, each with its active queries padded to ``n``."""
+        nonlocal out
+        g_n = len(idx)
+        hs = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
+        # active positions first, in position order; then inactive ones (padding rows, gate 0)
+        order = torch.argsort((~active[:, hs]).to(torch.uint8), dim=-1, stable=True)[..., :n]  # (B, G, n)
+        q_sel = q[:, hs].gather(2, order.unsqueeze(-1).expand(b, g_n, n, d))  # (B, G, n, D)
+        k_h, v_h = k[:, hs], v[:, hs]
+        rows = key_rows(hs)  # (B', G', 1, S) or None
+        if pair is not None:
+            ph = pair if pair.shape[1] == 1 else pair[:, hs]  # (B?, G?, L?, S)
+            ph = ph.expand(b, g_n, lq, lk).gather(2, order.unsqueeze(-1).expand(b, g_n, n, lk))  # (B, G, n, S)
+            rows = ph if rows is None else rows & ph
+        spans, ends = [(0, n)], [lk]
+        if is_causal:  # chunks of the (position-ordered) queries see only the keys up to their last position
             n_chunks = max(1, min(8, math.ceil(n / 128)))
             cuts = [round(c * n / n_chunks) for c in range(n_chunks + 1)]
             spans = [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
-            last = torch.where(valid, order, torch.full_like(order, -1))  # (B, n) position of each real row
-            ends = torch.stack([last[:, lo:hi].amax() for lo, hi in spans]).tolist()  # one sync per head
-        kmh = head_key_mask(i)
+            ends = torch.stack([order[..., lo:hi].amax() for lo, hi in spans]).add(1).clamp(max=lk).tolist()
         parts = []
-        for c, (lo, hi) in enumerate(spans):
-            s_end = min(lk, max(int(ends[c]) + 1, 1)) if is_causal else lk  # keys past the chunk's last query are unused
-            r = rows[:, lo:hi]  # (B, c, 1 or S)
-            if r.shape[-1] == lk and s_end < lk:
-                r = r[..., :s_end]
+        for (lo, hi), s_end in zip(spans, ends):
+            allowed = None if rows is None else rows[..., lo:hi, :s_end] if rows.shape[-2] > 1 else rows[..., :s_end]
             if is_causal:
-                r = r & (positions[:s_end] <= order[:, lo:hi].unsqueeze(-1))  # (B, c, S')
-            parts.append(dense_attention(
-                q_sel[:, None, lo:hi], k[:, i:i + 1, :s_end], v[:, i:i + 1, :s_end],
-                key_mask=None if kmh is None else kmh[..., :s_end], mask=r.unsqueeze(1), scale=scale, backend=backend,
-            )[:, 0])  # (B, c, Dv)
-        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, n, Dv)
-        outs[i] = q.new_zeros(b, lq, dv).scatter(1, order.unsqueeze(-1).expand(b, n, dv), o)
-    return torch.stack(outs, dim=1)  # (B, H, L, Dv)
+                causal = positions[:s_end] <= order[..., lo:hi].unsqueeze(-1)  # (B, G, c, S')
+                allowed = causal if allowed is None else allowed & causal
+            parts.append(_attend(q_sel[:, :, lo:hi], k_h[:, :, :s_end], v_h[:, :, :s_end], allowed, False, scale,
+                                 may_be_empty=rows is not None))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, G, n, Dv)
+        valid = torch.arange(n, device=q.device) < counts[:, hs].unsqueeze(-1)  # (B, G, n) False on padding rows
+        zero = torch.zeros((), dtype=o.dtype, device=o.device)
+        g_sel = torch.where(valid, gates_h[:, hs].gather(2, order), zero)
+        o = torch.where(valid.unsqueeze(-1), o * g_sel.unsqueeze(-1), zero)
+        index = order.unsqueeze(-1).expand(b, g_n, n, dv)
+        if isinstance(hs, slice):
+            out[:, hs].scatter_(2, index, o)
+        else:
+            out[:, hs] = q.new_zeros(b, g_n, lq, dv).scatter(2, index, o)
+
+    rest = [i for i in range(h) if i not in full_heads and most[i] > 0]
+    if len(rest) > 1 and max(most[i] for i in rest) <= 1.25 * sum(most[i] for i in rest) / len(rest):
+        run_group(rest, max(most[i] for i in rest))  # balanced routing: one batched call for every routed head
+    else:
+        for i in rest:
+            run_group([i], most[i])
+    return out  # (B, H, L, Dv)
