@@ -290,3 +290,22 @@ def test_se_gate_fixed_at_one_is_identity():
         se.fc2.weight.zero_(), se.fc2.bias.fill_(60.0)  # sigmoid(60) == 1 in float32
     x = torch.randn(2, 8, 3, 4)
     assert torch.equal(se(x), x)
+
+
+@pytest.mark.parametrize("shape,axes", [((2, 3, 4, 5), (0, 1)), ((1, 2, 1, 4), (0, 1)), ((2, 2, 3, 4), (1,)),
+                                        ((1, 2, 3, 2, 4), (0, 1, 2)), ((1, 2, 3, 1, 4), (0, 2))])
+def test_gate_product_backward_matches_autograd(shape, axes):
+    from attnfuse.nn.gates import _GateProduct
+
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    gates = []
+    for a in axes:
+        gshape = [shape[0], shape[1]] + [1] * (len(shape) - 2)
+        gshape[2 + a] = shape[2 + a]
+        gates.append(torch.rand(gshape, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, *g: _GateProduct.apply(axes, x, *g), (x, *gates))
+    chain = x
+    for g in reversed(gates):
+        chain = chain * g
+    torch.testing.assert_close(_GateProduct.apply(axes, x, *gates), chain)
