@@ -67,6 +67,8 @@ from attnfuse.ops._checks import check_key_mask, check_qkv
 from attnfuse.ops._guards import drop_masked, drop_masked_keys, empty_like_result, is_empty
 from attnfuse.ops._registry import operator
 from attnfuse.ops.backends import Backend, Call
+from attnfuse.ops.dense import _sdpa as _dense_sdpa
+from attnfuse.ops.merge import merge_attention
 from attnfuse.ops.reference import masked_softmax
 
 __all__ = ["combiner_attention", "combiner_regions"]
@@ -181,120 +183,154 @@ def _reference(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, 
     return out.to(dtype), (implied.to(dtype) if need_weights else None), lse.to(dtype)
 
 
-def _pool_blocks(xb: Tensor, vm: Tensor, count: Tensor, pooling: str) -> Tensor:
-    """Summary of each block: ``xb (B, H, n, t, C)``, ``vm (B', H', n, t)`` valid, ``count (B', H', n)`` -> ``(B, H, n, C)``.
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_valid: Tensor | None = None, pair: Tensor | None = None,
+            bias: Tensor | None = None, is_causal: bool = False) -> tuple[Tensor, Tensor]:
+    """Fused softmax attention with its log-sum-exp (the ``sdpa`` backend of ``dense``), inputs already valid.
+
+    ``q (B, G, Lq, D)``, ``k (B, G, S, D)``, ``v (B, G, S, Dv)``; ``key_valid (B', G', S)`` bool,
+    ``pair`` bool broadcastable to ``(B, G, Lq, S)``, ``bias`` float (no gradient) broadcastable to it.
+    Returns ``out (B, G, Lq, Dv)`` (0 for a query with no allowed key) and ``lse (B, G, Lq)`` (``-inf`` there).
+    """
+    mask = None if key_valid is None else key_valid.unsqueeze(-2)  # (B', G', 1, S)
+    if pair is not None:
+        mask = pair if mask is None else mask & pair
+    out, _, lse = _dense_sdpa(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal, need_weights=False, need_lse=True)
+    return out, lse
+
+
+def _groups(t: Tensor, h: int) -> Tensor:
+    """Fold the head axis and the next one of a mask / bias: ``(B', H', n, *rest)`` -> ``(B', H * n, *rest)``."""
+    return t.expand(t.shape[0], h, *t.shape[2:]).reshape(t.shape[0], h * t.shape[2], *t.shape[3:])
+
+
+def _pool_blocks(xb: Tensor, vm: Tensor | None, count: Tensor, pooling: str) -> Tensor:
+    """Summary of each block: ``xb (B, H, n, t, C)``, ``vm (B', H', n, t)`` valid (None: all),
+    ``count (B', H', n)`` -> ``(B, H, n, C)``.
 
     Masked positions are excluded with ``where`` (NaN there cannot reach a summary); an empty block gives 0.
     """
     if pooling == "max":
+        if vm is None:
+            return xb.amax(-2)
         pooled = torch.where(vm.unsqueeze(-1), xb, float("-inf")).amax(-2)  # (B, H, n, C)
         return torch.where((count > 0).unsqueeze(-1), pooled, torch.zeros((), dtype=xb.dtype, device=xb.device))
-    total = drop_masked(xb, vm).sum(-2)  # (B, H, n, C)
+    total = (xb if vm is None else drop_masked(xb, vm)).sum(-2)  # (B, H, n, C)
     return total / count.clamp(min=1).unsqueeze(-1) if pooling == "mean" else total
 
 
-def _summaries(qb, kb, vb, vm, scale, correction, pooling):
-    """Per-block mean key, count term and attention-pooled value.
+def _summaries(qb, kb, vb, vm, scale, correction, pooling, masked=True):
+    """Per-block summary key, count term and attention-pooled value.
 
-    ``qb, kb (B, H, n, t, D)``, ``vb (B, H, n, t, Dv)``, ``vm (B', H', n, t)`` valid keys ->
-    ``k_bar (B, H, n, D)``, ``log_count (B', H', n)`` (``-inf`` for an empty block), ``v_bar (B, H, n, Dv)``.
+    ``qb, kb (B, H, n, t, D)``, ``vb (B, H, n, t, Dv)``, ``vm (B', H', n, t)`` valid keys (``masked=False``:
+    all valid, nothing to exclude) -> ``k_bar (B, H, n, D)``, ``log_count (B', H', n)`` (``-inf`` for an
+    empty block), ``v_bar (B, H, n, Dv)``.
     """
     count = vm.sum(-1).to(qb.dtype)  # (B', H', n)
-    k_bar, q_bar = _pool_blocks(kb, vm, count, pooling), _pool_blocks(qb, vm, count, pooling)  # (B, H, n, D)
+    pool_mask = vm if masked else None
+    k_bar, q_bar = _pool_blocks(kb, pool_mask, count, pooling), _pool_blocks(qb, pool_mask, count, pooling)  # (B, H, n, D)
     s = torch.einsum("bhnd,bhntd->bhnt", q_bar, kb) * scale  # (B, H, n, t)
-    pool, _ = masked_softmax(s.masked_fill(~vm, float("-inf")))
+    pool, _ = masked_softmax(s.masked_fill(~vm, float("-inf")) if masked else s)
     v_bar = torch.einsum("bhnt,bhntv->bhnv", pool, vb)  # (B, H, n, Dv)
     log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
     return k_bar, log_count.masked_fill(count == 0, float("-inf")), v_bar
 
 
-def _fixed(q, k, v, valid, s, is_causal, scale, correction, pooling):
-    b, h, length, _ = q.shape
-    n = q.shape[2] // s
+def _region_keys(log_count: Tensor, correction: bool) -> tuple[Tensor, Tensor | None]:
+    """Valid summary keys (non-empty regions) and their count bias (None without count correction)."""
+    ok = torch.isfinite(log_count)
+    return ok, (log_count.masked_fill(~ok, 0.0) if correction else None)
+
+
+def _fixed(q, k, v, valid, s, is_causal, scale, correction, pooling, masked):
+    # Two fused attentions merged by their log-sum-exps: the own row (direct) and the other rows' summaries.
+    b, h, length, d = q.shape
+    dv, n = v.shape[-1], length // s
     qb, kb, vb = (t.reshape(b, h, n, s, t.shape[-1]) for t in (q, k, v))  # (B, H, n, s, *)
     vm = valid.reshape(valid.shape[0], valid.shape[1], n, s)  # (B', H', n, s)
-    k_bar, log_count, v_bar = _summaries(qb, kb, vb, vm, scale, correction, pooling)
-    s_direct = (qb @ kb.transpose(-2, -1) * scale).masked_fill(~vm.unsqueeze(-2), float("-inf"))  # (B, H, n, s, s)
-    if is_causal:
-        s_direct = s_direct.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    s_sum = torch.einsum("bhnsd,bhmd->bhnsm", qb, k_bar) * scale + log_count.unsqueeze(-2).unsqueeze(-2)  # (B, H, n, s, n)
-    r = torch.arange(n, device=q.device)
-    other = (r.view(1, -1) < r.view(-1, 1)) if is_causal else (r.view(1, -1) != r.view(-1, 1))  # (n, n) own row, other row
-    s_sum = s_sum.masked_fill(~other.view(n, 1, n), float("-inf"))
-    w, lse = masked_softmax(torch.cat([s_direct, s_sum], dim=-1))  # (B, H, n, s, s + n)
-    out = w[..., :s] @ vb + w[..., s:] @ v_bar.unsqueeze(2)  # (B, H, n, s, Dv)
-    return out.reshape(b, h, length, -1), lse.reshape(b, h, length)
+    k_bar, log_count, v_bar = _summaries(qb, kb, vb, vm, scale, correction, pooling, masked)  # (B, H, n, *)
+    out_d, lse_d = _attend(qb.reshape(b, h * n, s, d), kb.reshape(b, h * n, s, d), vb.reshape(b, h * n, s, dv),
+                           key_valid=_groups(vm, h) if masked else None, scale=scale, is_causal=is_causal)  # (B, H*n, s, *)
+    r, row = torch.arange(n, device=q.device), torch.arange(length, device=q.device) // s
+    pair = (r.view(1, -1) < row.view(-1, 1)) if is_causal else (r.view(1, -1) != row.view(-1, 1))  # (L, n) other rows
+    ok, bias = _region_keys(log_count, correction)  # (B', H', n)
+    out_s, lse_s = _attend(q, k_bar, v_bar, key_valid=ok, pair=pair, scale=scale,
+                           bias=None if bias is None else bias.unsqueeze(-2))  # (B, H, L, Dv)
+    return merge_attention([out_d.reshape(b, h, length, dv), out_s], [lse_d.reshape(b, h, length), lse_s])
 
 
-def _prefix_pool(xc: Tensor, vm: Tensor, count: Tensor, pooling: str) -> Tensor:
-    """Exclusive prefix summaries along the rows: ``xc (B, H, s, n, C)``, ``vm (B', H', s, n)`` valid,
-    ``count (B', H', s, n)`` earlier valid rows -> ``(B, H, s, n, C)``, the summary of rows ``< r`` (0 if none).
+def _prefix_pool(xc: Tensor, vm: Tensor | None, count: Tensor, pooling: str, reverse: bool) -> Tensor:
+    """Exclusive prefix (``reverse``: suffix) summaries along the rows: ``xc (B, H, s, n, C)``, ``vm (B', H', s, n)``
+    valid (None: all), ``count (B', H', s, n)`` valid rows before (after) -> ``(B, H, s, n, C)``, 0 where none.
     """
     if pooling == "max":
-        filled = torch.where(vm.unsqueeze(-1), xc, float("-inf"))  # (B, H, s, n, C)
+        filled = xc if vm is None else torch.where(vm.unsqueeze(-1), xc, float("-inf"))  # (B, H, s, n, C)
+        if reverse:
+            filled = filled.flip(-2)
         inclusive = filled.cummax(-2).values
         exclusive = torch.nn.functional.pad(inclusive[..., :-1, :], (0, 0, 1, 0), value=float("-inf"))  # shift by one row
+        if reverse:
+            exclusive = exclusive.flip(-2)
         return torch.where((count > 0).unsqueeze(-1), exclusive, torch.zeros((), dtype=xc.dtype, device=xc.device))
-    xw = drop_masked(xc, vm)  # a masked query never reaches a summary (NaN there included)
-    total = xw.cumsum(-2) - xw  # rows strictly before
+    xw = xc if vm is None else drop_masked(xc, vm)  # a masked query never reaches a summary (NaN there included)
+    inclusive = xw.cumsum(-2)
+    total = inclusive - xw if not reverse else inclusive[..., -1:, :] - inclusive  # rows strictly before / after
     return total / count.clamp(min=1).unsqueeze(-1) if pooling == "mean" else total
 
 
-def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling):
+def _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling, masked):
     """Summaries of the earlier (or, ``reverse``, later) rows of every column.
 
     ``qc, kc (B, H, s, n, D)``, ``vc (B, H, s, n, Dv)``, ``vmc (B', H', s, n)`` by (column, row) ->
     ``k_bar (B, H, s, n, D)``, ``log_count (B', H', s, n)``, ``v_bar (B, H, s, n, Dv)`` for region (column, row).
     """
+    b, h, s, n, d = qc.shape
     w = vmc.to(qc.dtype)
-    vmf = vmc
-    if reverse:
-        qc, kc, w, vmf = qc.flip(-2), kc.flip(-2), w.flip(-1), vmc.flip(-1)
-    count = w.cumsum(-1) - w  # (B', H', s, n) exclusive: rows strictly before
-    k_bar, q_bar = (_prefix_pool(t, vmf, count, pooling) for t in (kc, qc))  # (B, H, s, n, D)
-    if reverse:
-        k_bar, q_bar, count = k_bar.flip(-2), q_bar.flip(-2), count.flip(-1)
-        kc = kc.flip(-2)
-    n = kc.shape[-2]
+    inclusive = w.cumsum(-1)
+    count = inclusive - w if not reverse else inclusive[..., -1:] - inclusive  # (B', H', s, n) rows before / after
+    pool_mask = vmc if masked else None
+    k_bar, q_bar = (_prefix_pool(t, pool_mask, count, pooling, reverse) for t in (kc, qc))  # (B, H, s, n, D)
     r = torch.arange(n, device=kc.device)
     rows = (r.view(1, -1) > r.view(-1, 1)) if reverse else (r.view(1, -1) < r.view(-1, 1))  # (n, n) region row -> key row
-    s = (q_bar @ kc.transpose(-2, -1) * scale).masked_fill(~(rows & vmc.unsqueeze(-2)), float("-inf"))  # (B, H, s, n, n)
-    pool, _ = masked_softmax(s)
-    v_bar = pool @ vc  # (B, H, s, n, Dv)
+    v_bar, _ = _attend(q_bar.reshape(b, h * s, n, d), kc.reshape(b, h * s, n, d), vc.reshape(b, h * s, n, -1),
+                       key_valid=_groups(vmc, h) if masked else None, pair=rows, scale=scale)  # attention pooling
     log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
-    return k_bar, log_count.masked_fill(count == 0, float("-inf")), v_bar
+    return k_bar, log_count.masked_fill(count == 0, float("-inf")), v_bar.reshape(b, h, s, n, -1)
 
 
-def _axial(q, k, v, valid, s, is_causal, scale, correction, pooling):
-    b, h, length, _ = q.shape
-    n = length // s
+def _axial(q, k, v, valid, s, is_causal, scale, correction, pooling, masked):
+    # Three fused attentions merged by their log-sum-exps: own row, own column (without the query) and,
+    # for the other columns, the summaries of their earlier (and later) rows.
+    b, h, length, d = q.shape
+    dv, n = v.shape[-1], length // s
     qg, kg, vg = (t.reshape(b, h, n, s, t.shape[-1]) for t in (q, k, v))  # (B, H, n rows, s cols, *)
     vm = valid.reshape(valid.shape[0], valid.shape[1], n, s)  # (B', H', n, s)
-    qc, kc, vc, vmc = qg.transpose(2, 3), kg.transpose(2, 3), vg.transpose(2, 3), vm.transpose(2, 3)  # by (col, row)
-    neg = float("-inf")
-    eye_s = torch.eye(s, dtype=torch.bool, device=q.device)
+    qc, kc, vc = (t.transpose(2, 3).contiguous() for t in (qg, kg, vg))  # (B, H, s cols, n rows, *)
+    vmc = vm.transpose(2, 3)  # (B', H', s, n)
+    out_r, lse_r = _attend(qg.reshape(b, h * n, s, d), kg.reshape(b, h * n, s, d), vg.reshape(b, h * n, s, dv),
+                           key_valid=_groups(vm, h) if masked else None, scale=scale, is_causal=is_causal)  # own row
     eye_n = torch.eye(n, dtype=torch.bool, device=q.device)
-    s_row = (qg @ kg.transpose(-2, -1) * scale).masked_fill(~vm.unsqueeze(-2), neg)  # (B, H, n, s, s) [r, c, c']
-    s_col = (qc @ kc.transpose(-2, -1) * scale).masked_fill(~vmc.unsqueeze(-2), neg)  # (B, H, s, n, n) [c, r, r']
-    s_col = s_col.masked_fill(eye_n, neg)  # the query itself is already in its row
-    if is_causal:
-        s_row = s_row.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), neg)  # keep c' <= c
-        s_col = s_col.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1), neg)  # keep r' < r
-    parts, values = [s_row, s_col.transpose(2, 3)], []  # (B, H, n, s, s), (B, H, n, s, n)
-    directions = (False,) if is_causal else (False, True)
-    for reverse in directions:
-        k_bar, log_count, v_bar = _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling)  # by (col c', row r)
-        s_sum = torch.einsum("bhrcd,bhxrd->bhrcx", qg, k_bar) * scale  # (B, H, n, s, s) [r, c, c']
-        s_sum = s_sum + log_count.transpose(2, 3).unsqueeze(-2)  # count of region (c', r)
-        parts.append(s_sum.masked_fill(eye_s, neg))  # other columns only
-        values.append(v_bar)
-    w, lse = masked_softmax(torch.cat(parts, dim=-1))  # (B, H, n, s, s + n + s [+ s])
-    out = w[..., :s] @ vg  # own row
-    out = out + (w[..., s:s + n].transpose(2, 3) @ vc).transpose(2, 3)  # own column
-    for i, v_bar in enumerate(values):
-        ws = w[..., s + n + i * s: s + n + (i + 1) * s]  # (B, H, n, s, s) [r, c, c']
-        out = out + torch.einsum("bhrcx,bhxrv->bhrcv", ws, v_bar)
-    return out.reshape(b, h, length, -1), lse.reshape(b, h, length)
+    col_pair = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1) if is_causal else ~eye_n  # r' < r / r' != r
+    out_c, lse_c = _attend(qc.reshape(b, h * s, n, d), kc.reshape(b, h * s, n, d), vc.reshape(b, h * s, n, dv),
+                           key_valid=_groups(vmc, h) if masked else None, pair=col_pair, scale=scale)  # (B, H*s, n, *)
+    out_c = out_c.reshape(b, h, s, n, dv).transpose(2, 3).reshape(b, h, length, dv)  # back to row-major positions
+    lse_c = lse_c.reshape(b, h, s, n).transpose(2, 3).reshape(b, h, length)
+    keys, values, counts = [], [], []
+    for reverse in (False,) if is_causal else (False, True):
+        k_bar, log_count, v_bar = _prefix_summaries(qc, kc, vc, vmc, scale, correction, reverse, pooling, masked)
+        keys.append(k_bar.transpose(2, 3))  # (B, H, n, s, D): row r's summary of column c'
+        values.append(v_bar.transpose(2, 3))
+        counts.append(log_count.transpose(2, 3))  # (B', H', n, s)
+    m = len(keys) * s
+    k_sum = torch.cat(keys, dim=-2).reshape(b, h * n, m, d)  # (B, H*n, m, D)
+    v_sum = torch.cat(values, dim=-2).reshape(b, h * n, m, dv)
+    ok, bias = _region_keys(torch.cat(counts, dim=-1), correction)  # (B', H', n, m)
+    other = ~torch.eye(s, dtype=torch.bool, device=q.device).repeat(1, len(keys))  # (s, m) column c' != c
+    out_s, lse_s = _attend(qg.reshape(b, h * n, s, d), k_sum, v_sum, key_valid=_groups(ok, h), pair=other, scale=scale,
+                           bias=None if bias is None else _groups(bias, h).unsqueeze(-2))  # (B, H*n, s, Dv)
+    return merge_attention(
+        [out_r.reshape(b, h, length, dv), out_c, out_s.reshape(b, h, length, dv)],
+        [lse_r.reshape(b, h, length), lse_c, lse_s.reshape(b, h, length)],
+    )
 
 
 def _partner(t: Tensor) -> Tensor:
@@ -302,7 +338,7 @@ def _partner(t: Tensor) -> Tensor:
     return t.unflatten(2, (t.shape[2] // 2, 2)).flip(3).flatten(2, 3)
 
 
-def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling):
+def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
     # At level l a query in block u = i >> l (blocks of 2^l) uses block u - 1 when u is odd (its earlier
     # dyadic block) and, bidirectional, block u + 1 when u is even: always the partner block u ^ 1.
     length = q.shape[2]
@@ -319,7 +355,7 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling):
         used = 2 * n_pairs * size  # a prefix of the padded sequence that holds every query
         qb, kb, vb = (t[:, :, :used].unflatten(2, (2 * n_pairs, size)) for t in (qp, kp, vp))  # (B, H, nl, size, *)
         vm = vmp[:, :, :used].unflatten(2, (2 * n_pairs, size))  # (B', H', nl, size)
-        k_bar, log_count, v_bar = (_partner(t) for t in _summaries(qb, kb, vb, vm, scale, correction, pooling))
+        k_bar, log_count, v_bar = (_partner(t) for t in _summaries(qb, kb, vb, vm, scale, correction, pooling, masked or pad > 0))
         s = torch.einsum("bhnsd,bhnd->bhns", qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, nl, size)
         if is_causal:  # only odd blocks look back
             odd = (torch.arange(2 * n_pairs, device=q.device) % 2 == 1).view(-1, 1)
@@ -341,15 +377,16 @@ def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, po
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     length = q.shape[2]
     valid = _key_valid(key_mask, length, q.device)  # (B', H', L)
+    masked = key_mask is not None
     if mode == "logsparse":
-        out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction, pooling)
+        out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked)
     else:
         pad = ceil_div(length, block) * block - length
         if pad:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, Lp, *)
             valid = torch.nn.functional.pad(valid, (0, pad), value=False)
         fn = _fixed if mode == "fixed" else _axial
-        out, lse = fn(q, k, v, valid, block, is_causal, scale, correction, pooling)
+        out, lse = fn(q, k, v, valid, block, is_causal, scale, correction, pooling, masked or pad > 0)
         out, lse = out[:, :, :length], lse[:, :, :length]
     return out.to(dtype), None, lse.to(dtype)
 

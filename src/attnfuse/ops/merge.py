@@ -42,8 +42,10 @@ def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[
             raise ValueError(f"lses[{i}] must have shape {tuple(shape[:-1])} (B, H, L), got {tuple(s.shape)}")
     dtype = outputs[0].dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    lse_nbhl = torch.stack([s.to(compute) for s in lses], dim=-1)  # (B, H, L, n)
-    out_nbhlv = torch.stack([o.to(compute) for o in outputs], dim=-1)  # (B, H, L, Dv, n)
-    weights, lse = masked_softmax(lse_nbhl)  # (B, H, L, n), (B, H, L)
-    out = (out_nbhlv * weights.unsqueeze(-2)).sum(dim=-1)  # (B, H, L, Dv)
+    lse_bhln = torch.stack([s.to(compute) for s in lses], dim=-1)  # (B, H, L, n): small, one value per query
+    weights, lse = masked_softmax(lse_bhln)  # (B, H, L, n), (B, H, L)
+    # sum_i w_i * out_i without stacking the outputs: one fused multiply-add pass per part
+    out = outputs[0].to(compute) * weights[..., 0:1]  # (B, H, L, Dv)
+    for i in range(1, len(outputs)):
+        out = torch.addcmul(out, outputs[i].to(compute), weights[..., i : i + 1])
     return out.to(dtype), lse.to(dtype)
