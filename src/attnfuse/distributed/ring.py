@@ -204,42 +204,55 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, blo
                            is_causal=block.kind == "causal", return_lse=True)
 
 
-def _allowed(block: _Block, key_mask: Tensor | None, lb: int, device: torch.device) -> Tensor | None:
-    """Allowed pairs of the block's rectangle, broadcastable to ``(B, H, Lb, nk)``; None = all."""
+#: Score elements (B * H * rows * keys) per backward tile: bounds the backward's memory per rank.
+TILE_ELEMENTS = 1 << 16
+
+
+def _tile_allowed(block: _Block, key_mask: Tensor | None, a: int, b: int, nk: int, device: torch.device) -> Tensor | None:
+    """Allowed pairs of rows ``a:b`` (relative to ``block.r0``) x keys ``:nk``, broadcastable to ``(B, H, b-a, nk)``."""
     allowed = None
-    if block.kind == "causal":
-        allowed = torch.ones(lb, block.nk, dtype=torch.bool, device=device).tril()  # (Lb, nk)
+    if block.kind == "causal":  # row i sees keys j <= i
+        allowed = torch.arange(nk, device=device).unsqueeze(0) <= torch.arange(a, b, device=device).unsqueeze(1)  # (b-a, nk)
     elif block.kind == "mask":
-        allowed = block.pairs.to(device)  # (Lb, nk)
+        allowed = block.pairs[a:b, :nk].to(device)  # (b-a, nk)
     if key_mask is not None:
-        km = key_mask[..., : block.nk].unsqueeze(-2)  # (B, H', 1, nk)
+        km = key_mask[..., :nk].unsqueeze(-2)  # (B, H', 1, nk)
         allowed = km if allowed is None else allowed & km
     return allowed
 
 
 def _block_backward(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, block: _Block, scale: float,
-                    dout: Tensor, lse: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one block: ``(dq (B, H, Lb, D), dk (B, H, nk, D), dv (B, H, nk, Dv))`` (compute dtype)."""
-    rows = slice(block.r0, None)
-    q_sub, do_sub = q[:, :, rows], dout[:, :, rows]  # (B, H, Lb, D), (B, H, Lb, Dv)
-    lse_sub, delta_sub = lse[:, :, rows], delta[:, :, rows]  # (B, H, Lb)
-    k_sub, v_sub = k[:, :, : block.nk], v[:, :, : block.nk]  # (B, H, nk, D), (B, H, nk, Dv)
+                    dout: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """Add one block's gradients into ``dq (B, H, L_r, D)``, ``dk (B, H, S_src, D)``, ``dv (B, H, S_src, Dv)``.
+
+    The probabilities are recomputed from the global log-sum-exp, ``P = exp(scale q k^T - lse)``, in tiles of
+    query rows (at most :data:`TILE_ELEMENTS` scores each), so memory stays linear in the shard length.
+    """
+    b_, h = q.shape[:2]
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    k_blk, v_blk = k[:, :, : block.nk], v[:, :, : block.nk]  # (B, H, nk, D), (B, H, nk, Dv)
     if key_mask is not None:  # masked keys (NaN there included) never reach a matmul
         keep = key_mask[..., : block.nk].unsqueeze(-1)  # (B, H', nk, 1)
-        k_sub, v_sub = torch.where(keep, k_sub, zero), torch.where(keep, v_sub, zero)
-    allowed = _allowed(block, key_mask, q_sub.shape[2], q.device)
-    has_key = torch.isfinite(lse_sub).unsqueeze(-1)  # (B, H, Lb, 1)
-    allowed = has_key if allowed is None else allowed & has_key
-    safe_lse = torch.where(has_key.squeeze(-1), lse_sub, zero)
-    s = torch.matmul(q_sub, k_sub.transpose(-1, -2)) * scale  # (B, H, Lb, nk)
-    p = torch.where(allowed, torch.exp(s - safe_lse.unsqueeze(-1)), zero)  # (B, H, Lb, nk)
-    dv = torch.matmul(p.transpose(-1, -2), do_sub)  # (B, H, nk, Dv)
-    dp = torch.matmul(do_sub, v_sub.transpose(-1, -2))  # (B, H, Lb, nk)
-    ds = p * (dp - delta_sub.unsqueeze(-1))  # (B, H, Lb, nk)
-    dq = torch.matmul(ds, k_sub) * scale  # (B, H, Lb, D)
-    dk = torch.matmul(ds.transpose(-1, -2), q_sub) * scale  # (B, H, nk, D)
-    return dq, dk, dv
+        k_blk, v_blk = torch.where(keep, k_blk, zero), torch.where(keep, v_blk, zero)
+    rows = q.shape[2] - block.r0
+    tile = max(1, TILE_ELEMENTS // max(1, b_ * h * block.nk))
+    for a in range(0, rows, tile):
+        b = min(rows, a + tile)
+        nk = min(block.nk, b) if block.kind == "causal" else block.nk  # causal rows a:b see keys < b only
+        sl = slice(block.r0 + a, block.r0 + b)
+        q_t, do_t = q[:, :, sl], dout[:, :, sl]  # (B, H, T, D), (B, H, T, Dv)
+        lse_t, delta_t = lse[:, :, sl], delta[:, :, sl]  # (B, H, T)
+        k_t, v_t = k_blk[:, :, :nk], v_blk[:, :, :nk]  # (B, H, nk, D), (B, H, nk, Dv)
+        allowed = _tile_allowed(block, key_mask, a, b, nk, q.device)
+        has_key = torch.isfinite(lse_t).unsqueeze(-1)  # (B, H, T, 1)
+        allowed = has_key if allowed is None else allowed & has_key
+        safe_lse = torch.where(has_key.squeeze(-1), lse_t, zero)
+        s = torch.matmul(q_t, k_t.transpose(-1, -2)) * scale  # (B, H, T, nk)
+        p = torch.where(allowed, torch.exp(s - safe_lse.unsqueeze(-1)), zero)  # (B, H, T, nk)
+        dv[:, :, :nk] += torch.matmul(p.transpose(-1, -2), do_t)  # (B, H, nk, Dv)
+        ds = p * (torch.matmul(do_t, v_t.transpose(-1, -2)) - delta_t.unsqueeze(-1))  # (B, H, T, nk)
+        dq[:, :, sl] += torch.matmul(ds, k_t) * scale  # (B, H, T, D)
+        dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), q_t) * scale  # (B, H, nk, D)
 
 
 class _RingFunction(torch.autograd.Function):
@@ -293,11 +306,8 @@ class _RingFunction(torch.autograd.Function):
             block = ring.plans[t]
             if block is not None:
                 kb, vb, mb = ring.unpack_kv(cur, src)
-                dq_b, dk_b, dv_b = _block_backward(qc, kb, vb, mb, block, ring.scale, dout, lse, delta)
-                dq[:, :, block.r0:] += dq_b
                 dk_acc, dv_acc = ring.unpack_grad(grads, src)
-                dk_acc[:, :, : block.nk] += dk_b
-                dv_acc[:, :, : block.nk] += dv_b
+                _block_backward(qc, kb, vb, mb, block, ring.scale, dout, lse, delta, dq, dk_acc, dv_acc)
             # the gradients of this block go to the next rank, which holds this block at step t + 1
             grads, greqs = ring.exchange(grads, ring.grad_numel((ring.rank - t - 1) % ring.world))
             for req in [*reqs, *greqs]:

@@ -220,6 +220,10 @@ def load_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "c
     return checkpoint
 
 
+#: File name of the weights Lightning's multiprocessing launcher (ddp_spawn, ddp_fork) passes from rank 0 to the main process
+LAUNCHER_WEIGHTS = ".temp.ckpt"
+
+
 class CheckedCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with :func:`save_checked` / :func:`load_lightning_checkpoint`.
 
@@ -242,6 +246,10 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Callable | Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
         del weights_only  # always True: checkpoints of this project hold tensors and plain values only
+        if Path(os.fspath(path)).name == LAUNCHER_WEIGHTS:
+            # ddp_spawn / ddp_fork: rank 0 hands the trained weights (a bare state dict, saved through this IO with
+            # its checksum) to the main process; checked like any file, but it is not a Lightning checkpoint
+            return load_checked(path, map_location=map_location)
         checkpoint = load_lightning_checkpoint(path, map_location=map_location)
         if not self.keep_callback_states:
             checkpoint.pop("callbacks", None)

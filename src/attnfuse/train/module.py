@@ -164,7 +164,7 @@ class FusionTask(pl.LightningModule):
 
     def _log_metrics(self, metrics, stage: str) -> None:
         values = {k: v for k, v in _flatten(metrics.compute()).items()}
-        self.log_dict(values, prog_bar=stage == "val")
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)  # equal on every rank (torchmetrics syncs): no warning
         metrics.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
