@@ -61,6 +61,25 @@ def test_hard_ot_recovers_a_permuted_copy_exactly(vit_pair, mode, residual, qk):
     assert report.maps[1] == {} and report.seconds > 0
 
 
+@pytest.mark.parametrize("mode", ["acts", "wts"])
+def test_head_aligned_hard_ot_recovers_a_permuted_copy_and_keeps_channels_in_their_heads(vit_pair, make_vit, mode):
+    a, b, x, perms = vit_pair
+    fused, report = ot_fuse([a, b], data=x, mode=mode, solver="emd", heads="aligned")
+    _assert_same_params(fused, b)
+    torch.testing.assert_close(report.maps[0]["b0.qk"], _perm_matrix(perms["b0.qk"]))
+    torch.testing.assert_close(report.maps[0]["b1.v"], _perm_matrix(perms["b1.v"]))
+    # unrelated parents, soft maps: every Q/K map is block-structured over (head of A, head of B), rows sum to 1
+    p, q = make_vit(3), make_vit(4)
+    _, rep = ot_fuse([p, q], data=x, solver="sinkhorn", heads="aligned")
+    t = rep.maps[0]["b0.qk"]  # (H * Dh, H * Dh), H = 4, Dh = 4
+    torch.testing.assert_close(t.sum(1), torch.ones(16, dtype=torch.float64), atol=1e-6, rtol=0)
+    blocks = t.reshape(4, 4, 4, 4).sum(dim=(1, 3)) / 4  # head-to-head mass, rows sum to 1
+    torch.testing.assert_close(blocks.sum(1), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    _, rep_h = ot_fuse([p, q], data=x, solver="emd", heads="aligned")
+    th = rep_h.maps[0]["b0.v"].reshape(4, 4, 4, 4).sum(dim=(1, 3)) / 4
+    assert set(th.unique().tolist()) == {0.0, 1.0}  # whole heads move together
+
+
 def test_identical_parents_hard_ot_is_identity(make_vit):
     a = make_vit(0)
     x = torch.randn(16, 6, 5, dtype=torch.float64)

@@ -8,8 +8,8 @@ Status: OT fusion of chains of pre-norm :class:`attnfuse.nn.TransformerBlock` wi
 norms and heads (:class:`attnfuse.merge.TransportGraph`); acts and wts costs; EMD and Sinkhorn; residual
 policies ``mean`` / ``weighted_scalar`` / ``only_resid`` / ``no_resid`` (released) and ``acts`` (attnfuse);
 Q/K maps ``separate`` / ``shared``; full-width ("cross-head") Q/K/V maps; N parents; heterogeneous widths
-(a parent of another width is fused into the anchor's shape). Not implemented: ``heads="aligned"``,
-``qk="joint"``, ``weighted_matrix`` and ``resid_as_identity``.
+(a parent of another width is fused into the anchor's shape); ``heads="aligned"`` (an attnfuse option of the
+spec: OT between heads, then within-head maps). Not implemented: ``qk="joint"``, ``weighted_matrix`` and ``resid_as_identity``.
 
 Per parameter (every aligned axis contracted with its map, the map scaled to column sums 1)::
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnfuse.merge.graph import Axis, TransportGraph
-from attnfuse.merge.transport import combine_maps, transport_plan
+from attnfuse.merge.transport import combine_maps, solve_ot, standardize_rows, transport_plan
 
 __all__ = ["Ensemble", "FusionReport", "fuse", "ot_fuse", "vanilla_average"]
 
@@ -152,17 +152,66 @@ def _weight_features(state: dict[str, Tensor], graph: TransportGraph, key: str, 
     return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def _head_aligned(fq: tuple[Tensor, Tensor], fv: tuple[Tensor, Tensor], heads: tuple[int, int], *, solver: str,
+                  reg: float, standardize: bool) -> tuple[Tensor, Tensor, float]:
+    """``heads="aligned"``: OT between heads, then within-head maps (one for Q/K, one for V/O).
+
+    The cost of pairing head ``i`` of A with head ``j`` of B is the OT cost between their Q/K channels plus that
+    between their V channels (one cost matrix per kind over all channels, max-normalised once, so that head
+    pairs are comparable). The full maps are block matrices: block ``(i, j)`` = head map ``(i, j)`` times the
+    within-head map of that pair; rows sum to 1. Shapes: features ``(H * Dh, S)`` -> maps ``(H_a Dh_a, H_b Dh_b)``.
+    """
+    (ha, hb) = heads
+    costs = []
+    for fa, fb in (fq, fv):
+        fa, fb = fa.double(), fb.double()
+        if standardize:
+            fa, fb = standardize_rows(fa), standardize_rows(fb)
+        m = torch.cdist(fa, fb)
+        costs.append(m / m.max() if float(m.max()) > 0 else m)
+    dims = [(m.shape[0] // ha, m.shape[1] // hb) for m in costs]
+    within = [[[None, None] for _ in range(hb)] for _ in range(ha)]
+    pair_cost = torch.zeros(ha, hb, dtype=torch.float64)
+    for i in range(ha):
+        for j in range(hb):
+            for kind, (m, (da, db)) in enumerate(zip(costs, dims, strict=True)):
+                plan, c = solve_ot(m[i * da : (i + 1) * da, j * db : (j + 1) * db], solver=solver, reg=reg)
+                within[i][j][kind] = plan * da  # rows sum to 1
+                pair_cost[i, j] += c
+    head_plan, head_cost = solve_ot(pair_cost / pair_cost.max() if float(pair_cost.max()) > 0 else pair_cost,
+                                    solver=solver, reg=reg)
+    th = head_plan * ha  # (H_a, H_b), rows sum to 1
+    maps = []
+    for kind, (da, db) in enumerate(dims):
+        t = torch.zeros(ha * da, hb * db, dtype=torch.float64)
+        for i in range(ha):
+            for j in range(hb):
+                t[i * da : (i + 1) * da, j * db : (j + 1) * db] = th[i, j] * within[i][j][kind]
+        maps.append(t)
+    return maps[0], maps[1], head_cost
+
+
 def _maps_for(a: nn.Module, b: nn.Module, graph: TransportGraph, *, mode: str, solver: str, reg: float, residual: str,
-              acts_a: dict[str, Tensor] | None, acts_b: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], dict[str, float]]:
+              heads: str, acts_a: dict[str, Tensor] | None,
+              acts_b: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], dict[str, float]]:
     sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
+    mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
+    sites = {s.key: s for s in graph.sites}
     maps: dict[str, Tensor] = {}
     costs: dict[str, float] = {}
+
+    def features(s) -> tuple[Tensor, Tensor]:
+        if mode == "acts":
+            return acts_a[s.key], acts_b[s.key]
+        return _weight_features(sa, graph, s.key, s.producers, maps), _weight_features(sb, graph, s.key, s.producers, None)
 
     def solve(fa: Tensor, fb: Tensor, key: str, standardize: bool) -> None:
         plan, cost = transport_plan(fa, fb, solver=solver, reg=reg, standardize=standardize)
         maps[key], costs[key] = plan * fa.shape[0], cost
 
     for s in graph.sites:
+        if s.key in maps:  # computed with its head group
+            continue
         if s.kind == "join":
             if residual == "acts":
                 solve(acts_a[s.key], acts_b[s.key], s.key, True)
@@ -174,12 +223,16 @@ def _maps_for(a: nn.Module, b: nn.Module, graph: TransportGraph, *, mode: str, s
                 w = [float((acts_a[k].abs().mean() + acts_b[k].abs().mean()) / 2) for k in s.inputs]
                 weights = (w[0], w[1])
             maps[s.key] = combine_maps(maps[s.inputs[0]], maps[s.inputs[1]], policy=residual, weights=weights)
-        elif mode == "acts":
-            solve(acts_a[s.key], acts_b[s.key], s.key, True)
+        elif heads == "aligned" and s.key.endswith(".qk"):
+            v_site = sites[s.key[: -len("qk")] + "v"]
+            block = s.acts[0].rsplit(".attn.", 1)[0]
+            n_heads = (mods_a[block].attn.heads, mods_b[block].attn.heads)
+            t_qk, t_v, cost = _head_aligned(features(s), features(v_site), n_heads, solver=solver, reg=reg,
+                                            standardize=mode == "acts")
+            maps[s.key], maps[v_site.key], costs[s.key] = t_qk, t_v, cost
         else:
-            fa = _weight_features(sa, graph, s.key, s.producers, maps)
-            fb = _weight_features(sb, graph, s.key, s.producers, None)
-            solve(fa, fb, s.key, False)
+            fa, fb = features(s)
+            solve(fa, fb, s.key, mode == "acts")
     return maps, costs
 
 
@@ -193,7 +246,7 @@ def ot_fuse(
     reg: float = 0.08,
     residual: Literal["mean", "weighted_scalar", "only_resid", "no_resid", "acts"] = "mean",
     qk: Literal["separate", "shared"] = "separate",
-    heads: Literal["cross"] = "cross",
+    heads: Literal["cross", "aligned"] = "cross",
     weights: Sequence[float] | None = None,
     token_filter: Callable[[Tensor], Tensor] | None = None,
     fixed: Sequence[str] = (),
@@ -212,7 +265,9 @@ def ot_fuse(
             ``"acts"`` (attnfuse) computes every stream map from the stream's own activations.
         qk: ``"separate"`` Q and K maps (released default) or ``"shared"`` (one map for both, which keeps
             ``Q K^T`` for hard maps that permute whole heads).
-        heads: ``"cross"``: full-width Q/K/V maps that may move channels between heads (released).
+        heads: ``"cross"``: full-width Q/K/V maps that may move channels between heads (released);
+            ``"aligned"`` (attnfuse, spec option): OT between whole heads, then one within-head map shared by Q
+            and K and one for V/O (implies one Q/K map, ``qk="shared"``), so channels never change heads.
         weights: per-model weights (default ``1/N`` each; for two models ``[1 - alpha, alpha]``).
         token_filter: ``(B, L, C) -> (..., C)``: which tokens' activations enter the costs (e.g. CLS + centre).
         fixed: parameter-name prefixes to average without alignment.
@@ -232,8 +287,10 @@ def ot_fuse(
     anchor = anchor % n
     if mode not in ("acts", "wts"):
         raise ValueError(f"mode must be 'acts' or 'wts', got {mode!r}")
-    if heads != "cross":
-        raise ValueError(f"heads={heads!r} is not implemented; only 'cross' (full-width Q/K/V maps, released) is")
+    if heads not in ("cross", "aligned"):
+        raise ValueError(f"heads must be 'cross' (full-width Q/K/V maps, released) or 'aligned', got {heads!r}")
+    if heads == "aligned":
+        qk = "shared"
     if residual not in ("mean", "weighted_scalar", "only_resid", "no_resid", "acts"):
         raise ValueError(f"unknown residual policy {residual!r}")
     if mode == "wts" and residual == "acts":
@@ -260,7 +317,7 @@ def ot_fuse(
             continue
         acts_a = _activations(model, graphs[k], data, token_filter) if use_acts else None
         maps, costs = _maps_for(model, models[anchor], graph, mode=mode, solver=solver, reg=reg, residual=residual,
-                                acts_a=acts_a, acts_b=acts_b)
+                                heads=heads, acts_a=acts_a, acts_b=acts_b)
         report.maps.append(maps)
         report.costs.append(costs)
         for name, p in model.named_parameters():

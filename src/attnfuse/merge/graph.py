@@ -15,8 +15,9 @@ with everything around them that reads from or writes to the residual stream. De
                       stream.{i+1} = join(b{i}.mid, b{i}.fc2)
     outside blocks    a parameter is attached to stream.i, i = the number of blocks before it in
                       ``named_parameters`` order (so embeddings get stream.0 and heads / final norms stream.L):
-                      LayerNorm(d) weight and bias; Linear(in, k*d) with in != d (a writer: its rows, per chunk
-                      of d); Linear(d, out) (a reader: its columns); Embedding(n, d) (columns); Conv with d
+                      LayerNorm(d) weight and bias; Linear(in, k*d) (a writer: its rows, per chunk of d; when
+                      in = d too, only before the blocks); Linear(d, out) (a reader: its columns; when out is a
+                      multiple of d, only after the blocks); Embedding(n, d) (columns); Conv with d
                       output channels (a patch embedding: rows); any other parameter whose last axis is d
                       (CLS / fusion tokens, position and type embeddings). Linear layers with neither side
                       of width d are averaged without alignment, as are parameters named in ``fixed``.
@@ -123,7 +124,8 @@ class TransportGraph:
             if any(pname == f or pname.startswith(f + ".") for f in fixed):
                 slots[pname] = (None,) * param.dim()
                 continue
-            slots[pname] = _outside(pname, modules[owner_name], leaf, param.shape, d, key)
+            where = "before" if not seen_blocks else ("after" if len(seen_blocks) == len(blocks) else "between")
+            slots[pname] = _outside(pname, modules[owner_name], leaf, param.shape, d, key, where)
         done = len(seen_blocks)
         if done != len(blocks):
             raise ValueError("some blocks hold no parameters; the transport graph needs every block's weights")
@@ -143,8 +145,9 @@ class TransportGraph:
         return "\n".join(lines)
 
 
-def _outside(pname: str, owner: nn.Module, leaf: str, shape: tuple[int, ...], d: int, key: str) -> tuple[Axis | None, ...]:
-    """Axes of a parameter outside the blocks (see the module docstring)."""
+def _outside(pname: str, owner: nn.Module, leaf: str, shape: tuple[int, ...], d: int, key: str,
+             where: str) -> tuple[Axis | None, ...]:
+    """Axes of a parameter outside the blocks (see the module docstring); ``where``: before / between / after them."""
     s = Axis(key)
     if isinstance(owner, nn.LayerNorm):
         if tuple(owner.normalized_shape) != (d,):
@@ -152,13 +155,16 @@ def _outside(pname: str, owner: nn.Module, leaf: str, shape: tuple[int, ...], d:
         return (s,)
     if isinstance(owner, nn.Linear):
         n_in, n_out = owner.in_features, owner.out_features
-        if n_in == d and n_out % d == 0:
-            raise ValueError(f"{pname}: Linear({n_in}, {n_out}) both reads and may write the stream of width {d}; "
-                             "name it in fixed= to average it without alignment")
-        if n_out % d == 0:  # a writer (k tokens of width d per input)
+        writes, reads = n_out % d == 0, n_in == d
+        if writes and reads:  # Linear(d, k*d): a writer before the blocks, a reader after them, else ambiguous
+            if where == "between":
+                raise ValueError(f"{pname}: Linear({n_in}, {n_out}) between blocks both reads and may write the stream of width {d}; "
+                                 "name it in fixed= to average it without alignment")
+            writes, reads = where == "before", where == "after"
+        if writes:  # a writer (k tokens of width d per input)
             a = Axis(key, n_out // d)
             return (a, None) if leaf == "weight" else (a,)
-        if n_in == d:  # a reader (head)
+        if reads:  # a reader (head)
             return (None, s) if leaf == "weight" else (None,)
         return (None,) * len(shape)
     if isinstance(owner, nn.Embedding) and leaf == "weight" and shape[-1] == d:

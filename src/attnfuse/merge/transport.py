@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attnfuse.merge._pot import require_pot
 
-__all__ = ["RESIDUAL_POLICIES", "combine_maps", "transport_map", "transport_plan"]
+__all__ = ["RESIDUAL_POLICIES", "combine_maps", "solve_ot", "standardize_rows", "transport_map", "transport_plan"]
 
 Solver = Literal["emd", "sinkhorn"]
 #: residual-join policies of the released code implemented here (``weighted_matrix`` and
@@ -41,7 +41,8 @@ Solver = Literal["emd", "sinkhorn"]
 RESIDUAL_POLICIES = ("mean", "weighted_scalar", "only_resid", "no_resid")
 
 
-def _standardize(f: Tensor) -> Tensor:
+def standardize_rows(f: Tensor) -> Tensor:
+    """Each row (a neuron's features over samples) to zero mean and unit standard deviation."""
     mean = f.mean(dim=1, keepdim=True)
     std = f.std(dim=1, keepdim=True, unbiased=False) if f.shape[1] > 1 else torch.ones_like(mean)
     return (f - mean) / std.clamp_min(1e-12)
@@ -70,16 +71,27 @@ def transport_plan(
         raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
     if solver == "sinkhorn" and not reg > 0:
         raise ValueError(f"reg must be > 0 for Sinkhorn, got {reg=}")
-    ot = require_pot()
     a, b = feat_a.detach().double().cpu(), feat_b.detach().double().cpu()
     if standardize:
-        a, b = _standardize(a), _standardize(b)
+        a, b = standardize_rows(a), standardize_rows(b)
     cost = torch.cdist(a, b)  # (n_a, n_b) Euclidean
     if normalize == "max" and float(cost.max()) > 0:
         cost = cost / cost.max()
+    return solve_ot(cost, solver=solver, reg=reg, num_iter=num_iter)
+
+
+def solve_ot(cost: Tensor, *, solver: Solver = "sinkhorn", reg: float = 0.08, num_iter: int = 10_000) -> tuple[Tensor, float]:
+    """Uniform-marginal OT for a given cost matrix with POT: the plan (sums to 1, float64) and ``<T, M>``.
+
+    Shapes: cost ``(n_a, n_b)`` -> ``(n_a, n_b)``.
+    """
+    if solver not in ("emd", "sinkhorn"):
+        raise ValueError(f"solver must be 'emd' or 'sinkhorn', got {solver!r}")
+    ot = require_pot()
+    cost = cost.detach().double().cpu()
     m = cost.numpy()
-    mu = np.full(a.shape[0], 1.0 / a.shape[0])
-    nu = np.full(b.shape[0], 1.0 / b.shape[0])
+    mu = np.full(m.shape[0], 1.0 / m.shape[0])
+    nu = np.full(m.shape[1], 1.0 / m.shape[1])
     if solver == "emd":
         plan = ot.emd(mu, nu, m, numItermax=max(100_000, 100 * m.size))
     else:
