@@ -338,38 +338,77 @@ def _partner(t: Tensor) -> Tensor:
     return t.unflatten(2, (t.shape[2] // 2, 2)).flip(3).flatten(2, 3)
 
 
+def _block_dot(xb: Tensor, y: Tensor) -> Tensor:
+    """``xb (B, H, n, t, C) . y (B, H, n, C)`` per block position -> ``(B, H, n, t)`` (matmul once blocks are long)."""
+    if xb.shape[-2] >= 16:
+        return (xb @ y.unsqueeze(-1)).squeeze(-1)
+    return (xb * y.unsqueeze(-2)).sum(-1)
+
+
+def _block_mix(w: Tensor, xb: Tensor) -> Tensor:
+    """``sum_t w (B, H, n, t) * xb (B, H, n, t, C)`` -> ``(B, H, n, C)``."""
+    if xb.shape[-2] >= 16:
+        return (w.unsqueeze(-2) @ xb).squeeze(-2)
+    return (w.unsqueeze(-1) * xb).sum(-2)
+
+
 def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
     # At level l a query in block u = i >> l (blocks of 2^l) uses block u - 1 when u is odd (its earlier
     # dyadic block) and, bidirectional, block u + 1 when u is even: always the partner block u ^ 1.
+    # Region summaries are pooled level by level from the two halves of the level below (O(L D) in all);
+    # each level then reads q, k and v once and adds its part to the output in place.
     length = q.shape[2]
     levels = _levels(length)
     padded = 2**levels
     pad = padded - length
-    qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, P, *)
-    vmp = torch.nn.functional.pad(valid, (0, pad), value=False)  # (B', H', P)
-    scores = [((q * k).sum(-1) * scale).masked_fill(~valid, float("-inf")).unsqueeze(-1)]  # (B, H, L, 1): self
+    masked = masked or pad > 0
+    qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))  # (B, H, P, *)
+    vmp = torch.nn.functional.pad(valid, (0, pad), value=False) if pad else valid  # (B', H', P)
+    self_s = (q * k).sum(-1) * scale  # (B, H, L): the query itself
+    scores = [self_s.masked_fill(~valid, float("-inf")) if masked else self_s]
+    count = vmp.to(q.dtype)  # (B', H', P) valid positions per block, level 0
+    if pooling == "max":
+        q_pool, k_pool = ((torch.where(vmp.unsqueeze(-1), t, float("-inf")) if masked else t) for t in (qp, kp))
+    else:
+        q_pool, k_pool = ((drop_masked(t, vmp) if masked else t) for t in (qp, kp))  # (B, H, P, D)
     v_bars = []
     for level in range(levels):
-        size = 2**level
-        n_pairs = ceil_div(length, 2 * size)  # blocks come in (even, odd) pairs
-        used = 2 * n_pairs * size  # a prefix of the padded sequence that holds every query
-        qb, kb, vb = (t[:, :, :used].unflatten(2, (2 * n_pairs, size)) for t in (qp, kp, vp))  # (B, H, nl, size, *)
-        vm = vmp[:, :, :used].unflatten(2, (2 * n_pairs, size))  # (B', H', nl, size)
-        k_bar, log_count, v_bar = (_partner(t) for t in _summaries(qb, kb, vb, vm, scale, correction, pooling, masked or pad > 0))
-        s = torch.einsum("bhnsd,bhnd->bhns", qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, nl, size)
+        size, n_blocks = 2**level, padded >> level
+        if level:  # pool the two halves of each block of the level below
+            count = count.unflatten(-1, (n_blocks, 2)).sum(-1)  # (B', H', n)
+            halves = [t.unflatten(2, (n_blocks, 2)) for t in (q_pool, k_pool)]  # (B, H, n, 2, D)
+            q_pool, k_pool = (t.amax(3) if pooling == "max" else t.sum(3) for t in halves)  # (B, H, n, D)
+        nonempty = (count > 0).unsqueeze(-1)  # (B', H', n, 1)
+        if pooling == "mean":
+            q_bar, k_bar = (t / count.clamp(min=1).unsqueeze(-1) for t in (q_pool, k_pool))
+        elif pooling == "max" and masked:
+            q_bar, k_bar = (torch.where(nonempty, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q_pool, k_pool))
+        else:
+            q_bar, k_bar = q_pool, k_pool
+        kb, vb, qb = (t.unflatten(2, (n_blocks, size)) for t in (kp, vp, qp))  # (B, H, n, size, *)
+        s = _block_dot(kb, q_bar) * scale  # (B, H, n, size) attention pooling inside each block
+        if masked:
+            pool, _ = masked_softmax(s.masked_fill(~vmp.unflatten(-1, (n_blocks, size)), float("-inf")))
+        else:
+            pool = torch.softmax(s, dim=-1)
+        v_bar = _block_mix(pool, vb)  # (B, H, n, Dv)
+        log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
+        log_count = log_count.masked_fill(count == 0, float("-inf"))  # (B', H', n)
+        k_bar, v_bar, log_count = _partner(k_bar), _partner(v_bar), _partner(log_count)
+        s_q = _block_dot(qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, n, size)
         if is_causal:  # only odd blocks look back
-            odd = (torch.arange(2 * n_pairs, device=q.device) % 2 == 1).view(-1, 1)
-            s = s.masked_fill(~odd, float("-inf"))
-        scores.append(s.flatten(2)[:, :, :length].unsqueeze(-1))  # (B, H, L, 1)
+            odd = (torch.arange(n_blocks, device=q.device) % 2 == 1).view(-1, 1)
+            s_q = s_q.masked_fill(~odd, float("-inf"))
+        scores.append(s_q.flatten(2)[:, :, :length])  # (B, H, L)
         v_bars.append(v_bar)
-    w, lse = masked_softmax(torch.cat(scores, dim=-1))  # (B, H, L, 1 + levels)
-    out = w[..., :1] * v
+    w, lse = masked_softmax(torch.stack(scores, dim=-1))  # (B, H, L, 1 + levels)
+    w = torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w  # (B, H, P, 1 + levels)
+    out = w[..., :1] * vp  # (B, H, P, Dv)
     for level, v_bar in enumerate(v_bars):
-        size = 2**level
-        wl = torch.nn.functional.pad(w[..., level + 1], (0, v_bar.shape[2] * size - length))  # (B, H, nl * size)
-        contrib = wl.unflatten(2, (v_bar.shape[2], size)).unsqueeze(-1) * v_bar.unsqueeze(3)  # (B, H, nl, size, Dv)
-        out = out + contrib.flatten(2, 3)[:, :, :length]
-    return out, lse
+        n_blocks = padded >> level
+        wl = w[..., level + 1].unflatten(2, (n_blocks, 2**level)).unsqueeze(-1)  # (B, H, n, size, 1)
+        out.unflatten(2, (n_blocks, 2**level)).addcmul_(wl, v_bar.unsqueeze(3))  # in place: (B, H, n, size, Dv)
+    return out[:, :, :length], lse
 
 
 def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, pooling, need_weights):
