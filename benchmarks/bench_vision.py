@@ -113,7 +113,7 @@ def _copy_conv_state(dst: nn.Module, src: nn.Module) -> None:
 def main(quick: bool = False, device: str | None = None) -> list[dict]:
     dev = pick_device(device)
     b, c, hw = (2, 32, 28) if quick else (8, 64, 56)
-    repeat = 5 if quick else 15
+    repeat = 5 if quick else 40
     torch.manual_seed(0)
     x = torch.randn(b, c, hw, hw, device=dev, requires_grad=True)
     shape = (b, c, hw, hw)

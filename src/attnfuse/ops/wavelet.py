@@ -125,9 +125,7 @@ def haar_dwt(x: Tensor, *, dims: int = 2) -> Tensor:
         torch.Size([2, 3, 4, 4, 3])
     """
     _check_input(x, dims)
-    blocks, half = _blocks(x, dims)  # (*lead, 2**dims, N)
-    k = _block_matrix(dims, x.dtype, x.device)
-    return torch.matmul(k, blocks).reshape(*x.shape[: x.dim() - dims], 2**dims, *half)
+    return _HaarDWT.apply(x, dims)
 
 
 def haar_idwt(bands: Tensor, *, dims: int = 2) -> Tensor:
@@ -143,6 +141,17 @@ def haar_idwt(bands: Tensor, *, dims: int = 2) -> Tensor:
     nb = 2**dims
     if bands.dim() < dims + 1 or bands.shape[-dims - 1] != nb:
         raise ValueError(f"bands must have shape (*lead, {nb}, *spatial) for dims={dims}, got {tuple(bands.shape)=}")
+    return _HaarIDWT.apply(bands, dims)
+
+
+def _dwt(x: Tensor, dims: int) -> Tensor:
+    blocks, half = _blocks(x, dims)  # (*lead, 2**dims, N)
+    k = _block_matrix(dims, x.dtype, x.device)
+    return torch.matmul(k, blocks).reshape(*x.shape[: x.dim() - dims], 2**dims, *half)
+
+
+def _idwt(bands: Tensor, dims: int) -> Tensor:
+    nb = 2**dims
     lead_shape = bands.shape[: bands.dim() - dims - 1]
     lead = len(lead_shape)
     half = tuple(bands.shape[lead + 1:])
@@ -151,6 +160,32 @@ def haar_idwt(bands: Tensor, *, dims: int = 2) -> Tensor:
     split = blocks.reshape(*lead_shape, *([2] * dims), *half)  # (*lead, 2, .., 2, h0, h1, ..)
     order = list(range(lead)) + [v for a in range(dims) for v in (lead + dims + a, lead + a)]
     return split.permute(order).reshape(*lead_shape, *(2 * h for h in half))  # (*lead, 2·h0, 2·h1, ..)
+
+
+class _HaarDWT(torch.autograd.Function):
+    """The transform is orthogonal, so its vector-Jacobian product is the inverse transform of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: int) -> Tensor:
+        ctx.dims = dims
+        return _dwt(x, dims)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaarIDWT.apply(grad, ctx.dims), None
+
+
+class _HaarIDWT(torch.autograd.Function):
+    """Inverse transform; its vector-Jacobian product is the forward transform of the gradient."""
+
+    @staticmethod
+    def forward(ctx, bands: Tensor, dims: int) -> Tensor:
+        ctx.dims = dims
+        return _idwt(bands, dims)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaarDWT.apply(grad.contiguous(), ctx.dims), None
 
 
 def haar_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
