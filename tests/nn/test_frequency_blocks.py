@@ -205,3 +205,56 @@ def test_wdam_single_window_equals_direct_formula():
     details = m.details(torch.cat([lh, hl, hh], 1)).unflatten(1, (3, 4)).transpose(1, 2)
     want = haar_idwt(torch.cat([out.unsqueeze(2), details], 2))
     torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+
+
+class _ReleasedFDCA(torch.nn.Module):
+    """Independent re-statement of VinyehShaw/HFF ``FrequencyCrossAttention`` without the Gaussian slice gate, for
+    batch 1 (test oracle, own code): each sub-module returns ``R ⊙ a`` and the caller multiplies R and I by it."""
+
+    def __init__(self, m: FrequencyCrossAttention) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        spec = torch.fft.fftn(x, dim=(2, 3, 4), norm="ortho")
+        r, i = spec.real, spec.imag
+        sem = self.m.semantic
+        a = torch.sigmoid(sem(r.amax((2, 3, 4)).squeeze()) + sem(r.mean((2, 3, 4)).squeeze()))
+        t = r * a.view(1, -1, 1, 1, 1)
+        r, i = r * t, i * t
+        a = torch.sigmoid(self.m.positional(torch.cat([r.amax(1, keepdim=True).amax(2, keepdim=True),
+                                                       r.mean((1, 2), keepdim=True)], 1)))
+        t = r * a
+        r, i = r * t, i * t
+        sl = self.m.slice
+        a = torch.sigmoid(sl(r.amax((1, 3, 4))) + sl(r.mean((1, 3, 4))))
+        t = r * a.view(1, 1, -1, 1, 1)
+        r, i = r * t, i * t
+        return torch.fft.ifftn(torch.complex(r, i), dim=(2, 3, 4), norm="ortho").real
+
+
+def test_fdca_released_matches_restated_official_block():
+    torch.manual_seed(8)
+    m = FrequencyCrossAttention(16, slices=4, variant="released").eval()
+    x = 0.5 * torch.randn(1, 16, 4, 5, 6)
+    torch.testing.assert_close(m(x), _ReleasedFDCA(m)(x), atol=1e-6, rtol=1e-5)
+
+
+def test_wdam_intended_passes_the_swin_mask_and_shifts_v():
+    torch.manual_seed(9)
+    seen = {}
+    for variant in ("intended", "released"):
+        m = WaveletDirectionalAttention(4, heads=1, window=4, shift=2, variant=variant)
+        fn = m.op.fn
+
+        def spy(q, k, v, *, variant=variant, fn=fn, **kw):
+            seen[variant] = kw.get("mask")
+            return fn(q, k, v, **kw)
+
+        m.op = type(m.op)(**{**m.op.__dict__, "fn": spy})
+        assert m(torch.randn(2, 4, 16, 16)).shape == (2, 4, 16, 16)
+    assert seen["released"] is None  # no shifted-window mask in the released code
+    mask = seen["intended"]
+    assert mask.shape == (2 * 4, 1, 16, 16)  # (B·nW, 1, L, L): 2x2 windows of 4x4 on the 8x8 LL band
+    assert mask[0].all() and not mask[3].all()  # the first window has one region, the last has four
+    torch.testing.assert_close(mask[3, 0].float().sum(-1), torch.full((16,), 4.0))  # 4 tokens per region
