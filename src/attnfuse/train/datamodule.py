@@ -123,6 +123,9 @@ class FusionDataModule(pl.LightningDataModule):
             depend on the training table still being there or unchanged.
         run_dir: where to save ``split.json`` and ``preprocessor.json`` for the run.
         num_workers: DataLoader workers.
+        predict_chunk_rows: stream ``predict_path`` in chunks of this many rows (Parquet record batches / CSV
+            chunks, preprocessed chunk by chunk): memory bounded by one chunk whatever the table's size; the CLI
+            then writes ``--output`` batch by batch (:mod:`attnfuse.train.streaming`). Default: read it whole.
 
     In Python, :meth:`from_source` wraps a DataFrame and its schema directly.
     """
@@ -144,6 +147,7 @@ class FusionDataModule(pl.LightningDataModule):
         preprocessor: str | None = None,
         run_dir: str | None = None,
         num_workers: int = 0,
+        predict_chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         get_dataset(dataset)  # unknown names fail here, listing the registered ones
@@ -338,6 +342,14 @@ class FusionDataModule(pl.LightningDataModule):
         return self.loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_chunk_rows and self.hparams.predict_path and self.predict_frame is None:
+            from attnfuse.train.streaming import StreamingTableDataset
+
+            self._ensure_preprocessor()
+            rows = StreamingTableDataset(self.hparams.predict_path, self.preprocessor, self.hparams.predict_chunk_rows,
+                                         self.hparams.missing or ())
+            return DataLoader(rows, batch_size=self.hparams.batch_size, collate_fn=collate_fn,
+                              num_workers=min(self.hparams.num_workers, 1))
         return self.loader(self.predict_dataset())
 
     def describe(self) -> str:

@@ -229,6 +229,10 @@ class AttnfuseCLI(LightningCLI):
             config.weights_only = True
         if self.subcommand == "predict" and config.get("output"):
             check_output(config.output, overwrite=bool(config.get("overwrite")))
+        if self.subcommand == "predict" and config.data.get("predict_chunk_rows"):
+            if not (config.get("output") and config.data.get("predict_path")):
+                raise ValueError("--data.predict_chunk_rows streams --data.predict_path into --output: give both")
+            config.return_predictions = False  # predictions go to the file batch by batch, none kept in memory
         # evaluate / predict with the preprocessing saved beside the checkpoint (never re-fitted), so a
         # moved or changed training table cannot silently change the inputs the model sees
         if self.subcommand in ("validate", "test", "predict") and not config.data.get("preprocessor"):
@@ -299,7 +303,12 @@ class AttnfuseCLI(LightningCLI):
     def before_predict(self) -> None:
         cfg = self.config[self.subcommand]
         self.model.predict_attention = bool(cfg.get("attention"))
-        if cfg.get("output"):
+        if cfg.get("output") and cfg.data.get("predict_chunk_rows"):
+            from attnfuse.train.streaming import StreamingPredictionWriter
+
+            self.trainer.callbacks.append(StreamingPredictionWriter(cfg["output"], attention=bool(cfg.get("attention")),
+                                                                    overwrite=bool(cfg.get("overwrite"))))
+        elif cfg.get("output"):
             self.trainer.callbacks.append(PredictionWriter(cfg["output"], attention=bool(cfg.get("attention")),
                                                            overwrite=bool(cfg.get("overwrite"))))
 
