@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import attnfuse.distributed.ring as ring_module
 from attnfuse import ops
 from attnfuse.distributed import (
     LAYOUTS,
@@ -124,6 +125,8 @@ MATRIX = [(torch.float64, "none"), (torch.float64, "random"), (torch.float64, "h
 
 def _rank_main(rank: int, world: int, port: int) -> None:
     _init(rank, world, port)
+    if world == 2:
+        ring_module.TILE_ELEMENTS = 64  # backward in tiles of 1-2 query rows (causal tiles see fewer keys)
     try:
         seed = 0
         for layout in LAYOUTS:
@@ -159,6 +162,8 @@ def _rank_main(rank: int, world: int, port: int) -> None:
             _check_case(uly_nb, 4 * world, torch.float64, "zigzag", causal, "random", seed, reference=ref_nb)
         _check_errors(rank, world)
         _check_module_training(rank, world)
+        if world == 4:
+            _check_sequence_and_data_parallel(rank)
     finally:
         dist.destroy_process_group()
 
@@ -200,6 +205,32 @@ def _check_module_training(rank: int, world: int) -> None:
         dist.all_reduce(grads)  # data-parallel style: parameter gradients summed over the sequence shards
         ref = torch.cat([p.grad.flatten() for p in single.parameters()])
         torch.testing.assert_close(grads, ref, **TOL[torch.float64], msg=lambda m, o=op, lay=layout: f"{o} {lay} parameter gradients: {m}")
+
+
+def _check_sequence_and_data_parallel(rank: int) -> None:
+    """2 x 2 ranks: sequence groups {0, 1}, {2, 3} (ring over the shards of one sample), data groups {0, 2}, {1, 3}
+    (different samples). Parameter gradients summed over the sequence group and averaged over the data group equal
+    single-process gradients of the batch-mean loss (docs/distributed.md, "Sequence parallel + data parallel")."""
+    s_size = 2
+    seq_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in one order
+    data_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    seq_group, data_group = seq_groups[rank // s_size], data_groups[rank % s_size]
+    sample = rank // s_size
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 16, generator=g, dtype=torch.float64)  # 2 samples, 8 tokens
+    torch.manual_seed(0)
+    single = Attention(16, 4, op="dense", dtype=torch.float64)
+    parallel = Attention(16, 4, op="ring", layout="zigzag", group=seq_group, dtype=torch.float64)
+    parallel.load_state_dict(single.state_dict())
+    single(x, is_causal=True).square().sum(dim=(1, 2)).mean().backward()  # mean over samples of per-sample losses
+    x_r = shard_sequence(x[sample:sample + 1], group=seq_group, layout="zigzag", dim=1)
+    parallel(x_r, is_causal=True).square().sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in parallel.parameters()])
+    dist.all_reduce(grads, group=seq_group)  # the sample's gradient: sum over its shards
+    dist.all_reduce(grads, group=data_group)  # DDP: average over the samples
+    grads /= 2
+    ref = torch.cat([p.grad.flatten() for p in single.parameters()])
+    torch.testing.assert_close(grads, ref, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("world", [2, 4])
