@@ -97,6 +97,8 @@ class FrequencySpatialAttention(nn.Module):
             raise ValueError(f"pools must be two of ('max', 'std', 'mean'), got {pools}")
         if spatial_kernel % 2 == 0:
             raise ValueError(f"spatial_kernel must be odd, got {spatial_kernel=}")
+        if "std" in pools and channels < 2:
+            raise ValueError(f"the 'std' channel statistic needs channels >= 2, got {channels=}")
         self.channels, self.pools = channels, tuple(pools)
         self.channel_gate = SqueezeExcite(channels, reduction=reduction, pools=("dct",), bias=False, dct_size=dct_size,
                                           dct_frequencies=dct_frequencies, device=device, dtype=dtype)
