@@ -339,17 +339,17 @@ def _partner(t: Tensor) -> Tensor:
 
 
 def _block_dot(xb: Tensor, y: Tensor) -> Tensor:
-    """``xb (B, H, n, t, C) . y (B, H, n, C)`` per block position -> ``(B, H, n, t)`` (matmul once blocks are long)."""
-    if xb.shape[-2] >= 16:
-        return (xb @ y.unsqueeze(-1)).squeeze(-1)
-    return (xb * y.unsqueeze(-2)).sum(-1)
+    """``xb (B, H, n, t, C) . y (B, H, n, C)`` per block position -> ``(B, H, n, t)``."""
+    if xb.shape[-2] == 1:
+        return (xb.squeeze(-2) * y).sum(-1, keepdim=True)
+    return torch.einsum("bhntc,bhnc->bhnt", xb, y)
 
 
 def _block_mix(w: Tensor, xb: Tensor) -> Tensor:
     """``sum_t w (B, H, n, t) * xb (B, H, n, t, C)`` -> ``(B, H, n, C)``."""
-    if xb.shape[-2] >= 16:
-        return (w.unsqueeze(-2) @ xb).squeeze(-2)
-    return (w.unsqueeze(-1) * xb).sum(-2)
+    if xb.shape[-2] == 1:
+        return w * xb.squeeze(-2)
+    return torch.einsum("bhnt,bhntc->bhnc", w, xb)
 
 
 def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
@@ -379,7 +379,7 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
             halves = [t.unflatten(2, (n_blocks, 2)) for t in (q_pool, k_pool)]  # (B, H, n, 2, D)
             q_pool, k_pool = (t.amax(3) if pooling == "max" else t.sum(3) for t in halves)  # (B, H, n, D)
         nonempty = (count > 0).unsqueeze(-1)  # (B', H', n, 1)
-        if pooling == "mean":
+        if pooling == "mean" and level:  # level 0: the token itself (count 0 or 1)
             q_bar, k_bar = (t / count.clamp(min=1).unsqueeze(-1) for t in (q_pool, k_pool))
         elif pooling == "max" and masked:
             q_bar, k_bar = (torch.where(nonempty, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q_pool, k_pool))
@@ -394,8 +394,11 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
         v_bar = _block_mix(pool, vb)  # (B, H, n, Dv)
         log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
         log_count = log_count.masked_fill(count == 0, float("-inf"))  # (B', H', n)
-        k_bar, v_bar, log_count = _partner(k_bar), _partner(v_bar), _partner(log_count)
-        s_q = _block_dot(qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, n, size)
+        log_count = _partner(log_count)  # (B', H', n): small
+        # query block u reads the summary of block u ^ 1: pair the halves of each (even, odd) pair crosswise
+        q_pair, k_pair = qb.unflatten(2, (n_blocks // 2, 2)), k_bar.unflatten(2, (n_blocks // 2, 2))  # (B, H, n/2, 2, ...)
+        s_q = torch.stack([_block_dot(q_pair[:, :, :, a], k_pair[:, :, :, 1 - a]) for a in (0, 1)], dim=3)  # (B, H, n/2, 2, size)
+        s_q = s_q.flatten(2, 3) * scale + log_count.unsqueeze(-1)  # (B, H, n, size)
         if is_causal:  # only odd blocks look back
             odd = (torch.arange(n_blocks, device=q.device) % 2 == 1).view(-1, 1)
             s_q = s_q.masked_fill(~odd, float("-inf"))
@@ -406,8 +409,11 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
     out = w[..., :1] * vp  # (B, H, P, Dv)
     for level, v_bar in enumerate(v_bars):
         n_blocks = padded >> level
-        wl = w[..., level + 1].unflatten(2, (n_blocks, 2**level)).unsqueeze(-1)  # (B, H, n, size, 1)
-        out.unflatten(2, (n_blocks, 2**level)).addcmul_(wl, v_bar.unsqueeze(3))  # in place: (B, H, n, size, Dv)
+        wl = w[..., level + 1].unflatten(2, (n_blocks // 2, 2, 2**level)).unsqueeze(-1)  # (B, H, n/2, 2, size, 1)
+        out_pair = out.unflatten(2, (n_blocks // 2, 2, 2**level))  # (B, H, n/2, 2, size, Dv) view
+        v_pair = v_bar.unflatten(2, (n_blocks // 2, 2)).unsqueeze(-2)  # (B, H, n/2, 2, 1, Dv)
+        for a in (0, 1):  # in place; block u gets the pooled value of block u ^ 1
+            out_pair[:, :, :, a].addcmul_(wl[:, :, :, a], v_pair[:, :, :, 1 - a])
     return out[:, :, :length], lse
 
 
