@@ -151,43 +151,36 @@ class _Ring:
             return r
         return dist.get_global_rank(self.group, r)
 
-    def kv_numel(self, src: int) -> int:
-        b, h, d, dv = self.shape
-        return b * h * self.lk[src] * (d + dv) + b * self.mask_heads * self.lk[src]
-
-    def grad_numel(self, src: int) -> int:
-        b, h, d, dv = self.shape
-        return b * h * self.lk[src] * (d + dv)
-
-    def pack_kv(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-        parts = [k.reshape(-1), v.reshape(-1)]
-        if self.mask_heads:
-            parts.append(key_mask.to(k.dtype).reshape(-1))
-        return torch.cat(parts)
-
-    def unpack_kv(self, buf: Tensor, src: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    def kv_shapes(self, src: int) -> list[tuple[int, ...]]:
+        """Shapes of the key/value message of rank ``src``'s block: k, v and (if any rank has one) the key mask."""
         b, h, d, dv = self.shape
         n = self.lk[src]
-        k = buf[: b * h * n * d].view(b, h, n, d)  # (B, H, S_src, D)
-        v = buf[b * h * n * d: b * h * n * (d + dv)].view(b, h, n, dv)  # (B, H, S_src, Dv)
-        mask = None
-        if self.mask_heads:
-            mask = buf[b * h * n * (d + dv):].view(b, self.mask_heads, n) > 0.5  # (B, H', S_src)
-        return k, v, mask
+        return [(b, h, n, d), (b, h, n, dv)] + ([(b, self.mask_heads, n)] if self.mask_heads else [])
 
-    def unpack_grad(self, buf: Tensor, src: int) -> tuple[Tensor, Tensor]:
+    def grad_shapes(self, src: int) -> list[tuple[int, ...]]:
+        """Shapes of the gradient message (dk, dv) of rank ``src``'s block."""
         b, h, d, dv = self.shape
-        n = self.lk[src]
-        return buf[: b * h * n * d].view(b, h, n, d), buf[b * h * n * d:].view(b, h, n, dv)
+        return [(b, h, self.lk[src], d), (b, h, self.lk[src], dv)]
 
-    def exchange(self, send: Tensor, recv_numel: int) -> tuple[Tensor, list]:
-        """Post ``send`` -> rank + 1 and a receive <- rank - 1 of ``recv_numel`` elements; returns (buffer, requests)."""
-        recv = torch.empty(recv_numel, dtype=send.dtype, device=send.device)
-        ops = []
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.peer(1), self.group))
-        if recv_numel:
-            ops.append(dist.P2POp(dist.irecv, recv, self.peer(-1), self.group))
+    def kv_message(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> list[Tensor]:
+        """The tensors sent for a key/value block (no copy of contiguous ``k``, ``v``)."""
+        mask = [key_mask.to(k.dtype).contiguous()] if self.mask_heads else []  # (B, H', S) as 0 / 1
+        return [k.contiguous(), v.contiguous(), *mask]
+
+    @staticmethod
+    def split_kv(message: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(k (B, H, S, D), v (B, H, S, Dv), key mask (B, H', S) or None)`` of a message."""
+        return message[0], message[1], (message[2] > 0.5 if len(message) > 2 else None)
+
+    def exchange(self, send: list[Tensor], recv_shapes: list[tuple[int, ...]]) -> tuple[list[Tensor], list]:
+        """Post ``send`` -> rank + 1 and receives <- rank - 1 of ``recv_shapes``; returns (receive buffers, requests).
+
+        Both sides know every shape (exchanged once per call), so empty tensors are skipped on both.
+        """
+        ref = send[0]
+        recv = [torch.empty(shape, dtype=ref.dtype, device=ref.device) for shape in recv_shapes]
+        ops = [dist.P2POp(dist.isend, t, self.peer(1), self.group) for t in send if t.numel()]
+        ops += [dist.P2POp(dist.irecv, t, self.peer(-1), self.group) for t in recv if t.numel()]
         return recv, (dist.batch_isend_irecv(ops) if ops else [])
 
 
@@ -263,15 +256,14 @@ class _RingFunction(torch.autograd.Function):
         lq = q.shape[2]
         out = torch.zeros(b, h, lq, dv, dtype=cd, device=q.device)  # (B, H, L_r, Dv)
         lse = torch.full((b, h, lq), float("-inf"), dtype=cd, device=q.device)  # (B, H, L_r)
-        cur = ring.pack_kv(k, v, key_mask)
+        cur = ring.kv_message(k, v, key_mask)
         for t in range(ring.world):
-            src = (ring.rank - t) % ring.world
             reqs = []
             if t < ring.world - 1:  # post the next block's transfer before computing this one
-                nxt, reqs = ring.exchange(cur, ring.kv_numel((ring.rank - t - 1) % ring.world))
+                nxt, reqs = ring.exchange(cur, ring.kv_shapes((ring.rank - t - 1) % ring.world))
             block = ring.plans[t]
             if block is not None:
-                kb, vb, mb = ring.unpack_kv(cur, src)
+                kb, vb, mb = ring.split_kv(cur)
                 o_b, l_b = _block_forward(q, kb, vb, mb, block, ring.scale)
                 rows = slice(block.r0, None)
                 o_m, l_m = merge_attention([out[:, :, rows], o_b.to(cd)], [lse[:, :, rows], l_b.to(cd)])
@@ -296,25 +288,24 @@ class _RingFunction(torch.autograd.Function):
         if dlse is not None:
             delta = delta - torch.where(torch.isfinite(lse), dlse.to(cd), torch.zeros((), dtype=cd))
         dq = torch.zeros_like(qc)  # (B, H, L_r, D)
-        cur = ring.pack_kv(k.to(cd), v.to(cd), key_mask)
-        grads = torch.zeros(ring.grad_numel(ring.rank), dtype=cd, device=q.device)  # dk, dv of the block held
+        cur = ring.kv_message(k.to(cd), v.to(cd), key_mask)
+        grads = [torch.zeros(shape, dtype=cd, device=q.device) for shape in ring.grad_shapes(ring.rank)]  # dk, dv of the block held
         for t in range(ring.world):
-            src = (ring.rank - t) % ring.world
             reqs = []
             if t < ring.world - 1:
-                nxt, reqs = ring.exchange(cur, ring.kv_numel((ring.rank - t - 1) % ring.world))
+                nxt, reqs = ring.exchange(cur, ring.kv_shapes((ring.rank - t - 1) % ring.world))
             block = ring.plans[t]
             if block is not None:
-                kb, vb, mb = ring.unpack_kv(cur, src)
-                dk_acc, dv_acc = ring.unpack_grad(grads, src)
-                _block_backward(qc, kb, vb, mb, block, ring.scale, dout, lse, delta, dq, dk_acc, dv_acc)
+                kb, vb, mb = ring.split_kv(cur)
+                _block_backward(qc, kb, vb, mb, block, ring.scale, dout, lse, delta, dq, grads[0], grads[1])
             # the gradients of this block go to the next rank, which holds this block at step t + 1
-            grads, greqs = ring.exchange(grads, ring.grad_numel((ring.rank - t - 1) % ring.world))
+            sent, (grads, greqs) = grads, ring.exchange(grads, ring.grad_shapes((ring.rank - t - 1) % ring.world))
             for req in [*reqs, *greqs]:
                 req.wait()
+            del sent
             if t < ring.world - 1:
                 cur = nxt
-        dk, dvv = ring.unpack_grad(grads, ring.rank)  # after W hops: this shard's own gradients
+        dk, dvv = grads  # after W hops: this shard's own gradients
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
