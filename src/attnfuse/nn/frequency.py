@@ -78,6 +78,14 @@ class FrequencySpatialAttention(nn.Module):
 
     Released-code notes (fsatfusion.md): the released module also builds a BatchNorm that ``forward`` never
     uses; it is omitted (a checkpoint loader should drop those keys).
+
+    Raises:
+        ValueError: bad ``pools``, an even ``spatial_kernel``, ``channels < 2`` with ``"std"``, channels not
+            divisible by the number of DCT frequencies, or an input of another shape.
+
+    Example:
+        >>> FrequencySpatialAttention(16, dct_size=(14, 14))(torch.randn(2, 16, 32, 32)).shape
+        torch.Size([2, 16, 32, 32])
     """
 
     def __init__(
@@ -139,6 +147,10 @@ class AdaptiveLaplacianConv(nn.Module):
         device, dtype: for the parameters.
 
     Shapes: x ``(B, C, D, H, W)`` -> same. A harmonic (affine) field passes unchanged in the interior.
+
+    Example:
+        >>> alc = AdaptiveLaplacianConv(16)
+        >>> loss = alc(torch.randn(1, 16, 8, 8, 8)).square().mean() + 5e-6 * alc.regularizer()
     """
 
     def __init__(self, channels: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -207,6 +219,13 @@ class FrequencyCrossAttention(nn.Module):
         device, dtype: for the parameters.
 
     Shapes: x ``(B, C, D, H, W)`` -> same. Batch-safe (the released code fails for B > 1).
+
+    Raises:
+        ValueError: an input that is not ``(B, C, slices, H, W)``, or an unknown ``variant``.
+
+    Example:
+        >>> FrequencyCrossAttention(128, slices=16)(torch.randn(2, 128, 16, 8, 8)).shape
+        torch.Size([2, 128, 16, 8, 8])
     """
 
     def __init__(
@@ -309,6 +328,10 @@ class PhaseFusion(nn.Module):
         device, dtype: for the parameters.
 
     Shapes: x ``(B, 3C, H, W)`` -> ``(B, C, H, W)``.
+
+    Example:
+        >>> PhaseFusion(32)(torch.randn(1, 96, 64, 64)).shape
+        torch.Size([1, 32, 64, 64])
     """
 
     def __init__(self, channels: int, *, hidden: int | None = None, variant: str = "intended", bias: bool = False,
@@ -367,6 +390,10 @@ class AutocorrelationFFN(nn.Module):
 
     Shapes: x ``(B, C, H, W)``, ``H``, ``W`` divisible by ``patch`` -> same. ``R`` is quadratic in ``x``: not
     positively homogeneous.
+
+    Example:
+        >>> AutocorrelationFFN(32)(torch.randn(1, 32, 64, 64)).shape
+        torch.Size([1, 32, 64, 64])
     """
 
     def __init__(self, channels: int, *, expansion: float = 2.66, patch: int = 8, variant: str = "intended",
@@ -460,6 +487,14 @@ class WaveletDirectionalAttention(nn.Module):
         device, dtype: for the parameters.
 
     Shapes: x ``(B, C, H, W)``, ``H/2`` and ``W/2`` divisible by the (possibly shrunk) window -> same.
+
+    Raises:
+        ValueError: ``channels`` not divisible by ``heads``, an operator that is not sequence-layout, or an LL band
+            not divisible by the window.
+
+    Example:
+        >>> WaveletDirectionalAttention(64, heads=2)(torch.randn(1, 64, 64, 64)).shape
+        torch.Size([1, 64, 64, 64])
     """
 
     def __init__(self, channels: int, *, heads: int = 1, window: int = 8, shift: int | None = None,
