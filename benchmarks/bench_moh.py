@@ -13,7 +13,7 @@ Two levels, each timed interleaved in one run with the anchor (``ratio = ours / 
   included) vs :class:`attnfuse.nn.Attention` (dense operator, SDPA) at ``L = 1024``
   (``--quick``: 256): projections are computed for all heads in both, so the saving is smaller.
 
-Every configuration is timed idle, and the core at the largest ``L`` again with a competing process
+Every configuration is timed as the machine is ("no added load"), and the core at the largest ``L`` again with a competing process
 (``benchmarks.harness.competing_load``: one busy single-threaded matmul loop).
 
 Run: ``python -m benchmarks.bench_moh [--quick]`` or ``python -m benchmarks.run --only moh``.
@@ -93,7 +93,7 @@ def _layer(dev: torch.device, length: int, causal: bool, grad: bool, repeat: int
     timings = time_interleaved(fns, device=dev, warmup=1, repeat=repeat)
     base = timings["MHA layer (sdpa)"]
     return [
-        record(op="moh layer", backend=name, variant=("causal" if causal else "full") + ", idle", shape=(B, length, dim),
+        record(op="moh layer", backend=name, variant=("causal" if causal else "full") + ", no added load", shape=(B, length, dim),
                dtype=torch.float32, device=dev, ms=t["ms"], min_ms=t["min_ms"], iqr_ms=t["iqr_ms"],
                ratio=t["ms"] / base["ms"], ratio_min=t["min_ms"] / base["min_ms"], **{"pass": "fwd+bwd" if grad else "fwd"})
         for name, t in timings.items()
@@ -109,7 +109,7 @@ def main(quick: bool = False, device: str | None = None) -> list[dict]:
     for length in lengths:
         for causal in (False, True):
             for grad in (False, True):
-                records += _core(dev, length, causal, grad, repeat, "idle")
+                records += _core(dev, length, causal, grad, repeat, "no added load")
     with competing_load(1):
         for causal in (False, True):
             for grad in (False, True):

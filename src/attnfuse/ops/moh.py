@@ -384,6 +384,7 @@ def _sparse(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, km: Tensor | None, m
             ph = pair if pair.shape[1] == 1 else pair[:, hs]  # (B?, G?, L?, S)
             ph = ph.expand(b, g_n, lq, lk).gather(2, order.unsqueeze(-1).expand(b, g_n, n, lk))  # (B, G, n, S)
             rows = ph if rows is None else rows & ph
+        valid = torch.arange(n, device=q.device) < counts[:, hs].unsqueeze(-1)  # (B, G, n) False on padding rows
         spans, ends = [(0, n)], [lk]
         if is_causal:  # chunks of the (position-ordered) queries see only the keys up to their last position
             n_chunks = max(1, min(8, math.ceil(n / 128)))
@@ -399,7 +400,6 @@ def _sparse(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, km: Tensor | None, m
             parts.append(_attend(q_sel[:, :, lo:hi], k_h[:, :, :s_end], v_h[:, :, :s_end], allowed, False, scale,
                                  may_be_empty=rows is not None))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, G, n, Dv)
-        valid = torch.arange(n, device=q.device) < counts[:, hs].unsqueeze(-1)  # (B, G, n) False on padding rows
         zero = torch.zeros((), dtype=o.dtype, device=o.device)
         g_sel = torch.where(valid, gates_h[:, hs].gather(2, order), zero)
         o = torch.where(valid.unsqueeze(-1), o * g_sel.unsqueeze(-1), zero)
