@@ -207,3 +207,37 @@ def test_errors_name_the_argument():
         kernel_attention(q, k, v, normalize="count", return_lse=True)
     with pytest.raises(TypeError, match="does not take a score bias"):
         kernel_attention(q, k, v, bias=torch.zeros(B, H, L, S, dtype=F64))
+
+
+@pytest.mark.parametrize("similarity", ["taylor", "linear", "elu"])
+@pytest.mark.parametrize("normalize", ["sum", "count", "none"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_time_feature_backend_equals_the_reference(similarity, normalize, causal):
+    """Spec (Deconstructing) invariant 4: the quadratic reference equals the linear-time (causal prefix-sum) form."""
+    for lq, lk in ((L, S), (S + 2, S)):
+        q, k, v = _qkv(lq=lq)
+        km = torch.rand(B, S, generator=torch.Generator().manual_seed(2)) < 0.7
+        km[1] = False
+        for scale in (None, -0.3):
+            kw = {"similarity": similarity, "normalize": normalize, "is_causal": causal, "key_mask": km, "scale": scale}
+            want = kernel_attention(q, k, v, backend="reference", **kw)
+            got = kernel_attention(q, k, v, backend="feature", **kw)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+            g_want = torch.autograd.grad(want.sum(), (q, k, v))
+            g_got = torch.autograd.grad(got.sum(), (q, k, v))
+            for a, b in zip(g_got, g_want):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+            if normalize == "sum" and similarity != "linear":
+                _, lse = kernel_attention(q, k, v, backend="feature", return_lse=True, **kw)
+                torch.testing.assert_close(lse, kernel_attention(q, k, v, backend="reference", return_lse=True, **kw)[1])
+
+
+def test_feature_backend_refuses_what_it_cannot_do():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="backend 'feature' of operator 'kernel' needs similarity"):
+        kernel_attention(q, k, v, backend="feature")
+    with pytest.raises(ValueError, match="takes key masks only"):
+        kernel_attention(q, k, v, similarity="taylor", backend="feature", mask=torch.rand(B, H, L, S) < 0.5)
+    with pytest.raises(ValueError, match="cannot run this call: cannot return attention weights"):
+        kernel_attention(q, k, v, similarity="taylor", backend="feature", return_weights=True)
+    assert kernel_attention.spec.choose_backend("auto", ops.backends.Call.of(q, k, v)).name == "reference"

@@ -9,7 +9,9 @@ Papers:
     Hao et al., "ADEM-VL" (https://arxiv.org/abs/2410.17779) for ``"silu"`` (without ADEM-VL's drop, which is
     :func:`attnfuse.ops.silu_kernel_attention`); Fu et al., "What can a Single Attention Layer Learn? A Study
     Through the Random Features Lens" (https://arxiv.org/abs/2307.11353) for ``softmax`` with ``normalize="count"``.
-Status: exact quadratic reference (backend ``"reference"``); no linear-time backend yet.
+Status: exact quadratic reference (backend ``"reference"``, what ``"auto"`` picks) and a linear-time feature-map
+backend ``"feature"`` for ``"taylor"``, ``"linear"`` and ``"elu"`` (requested by name; key masks, causal; no pair mask,
+no weights), tested against the reference.
 
 Equivalent dense formulation, per batch, head and query row ``i`` with allowed keys ``J_i`` (key mask, pair mask,
 ``is_causal``; ``n_i = |J_i|``) and ``s_ij = scale * q_i . k_j`` (``scale = 1/sqrt(D)`` when None)::
@@ -148,7 +150,74 @@ def _reference(q, k, v, *, mask, similarity, normalize, scale, is_causal, need_w
     return out.to(dtype), (w.to(dtype) if need_weights else None), (log_norm.to(dtype) if need_lse else None)
 
 
-@operator("kernel", backends=(Backend("reference", _reference, weights=True, lse=True),))
+#: Similarities with a finite feature map ``phi_ij = f(q_i) . g(k_j)`` (the ``"feature"`` backend).
+FEATURE_SIMILARITIES = frozenset({"taylor", "linear", "elu"})
+
+
+def _feature_maps(q: Tensor, k: Tensor, similarity: str, scale: float | None) -> tuple[Tensor, Tensor]:
+    """``(f(q) (B, H, L, F), g(k) (B, H, S, F))`` with ``f(q_i) . g(k_j) = phi_ij``."""
+    if similarity == "elu":
+        return (F.elu(q) + 1) * (1.0 if scale is None else scale), F.elu(k) + 1
+    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if similarity == "linear":
+        return q * c, k
+    # taylor: [1, sqrt(c) x, c vec(x x^T) / sqrt(2)] . [1, sqrt(c) y, c vec(y y^T) / sqrt(2)] = 1 + c x.y + (c x.y)^2 / 2
+
+    def taylor(x: Tensor) -> Tensor:
+        outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # (B, H, N, D*D)
+        return torch.cat([torch.ones_like(x[..., :1]), x * math.sqrt(abs(c)), outer * (c / math.sqrt(2))], -1)
+
+    fq, fk = taylor(q), taylor(k)
+    if c < 0:  # sqrt(|c|) on both sides gives |c| x.y: flip the sign on the query side
+        fq = torch.cat([fq[..., :1], -fq[..., 1 : 1 + q.shape[-1]], fq[..., 1 + q.shape[-1]:]], -1)
+    return fq, fk
+
+
+def _feature(q, k, v, *, mask, similarity, normalize, scale, is_causal, need_weights, need_lse):
+    """Linear-time form: ``out_i = f(q_i) . sum_{j in J_i} g(k_j) v_j^T`` (prefix sums when causal)."""
+    if similarity not in FEATURE_SIMILARITIES:
+        raise ValueError(f"backend 'feature' of operator 'kernel' needs similarity in {sorted(FEATURE_SIMILARITIES)}, "
+                         f"got {similarity!r}; use backend='reference'")
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    lq, lk = q.shape[-2], k.shape[-2]
+    fq, fk = _feature_maps(q, k, similarity, scale)  # (B, H, L, F), (B, H, S, F)
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+        raise ValueError("backend 'feature' of operator 'kernel' takes key masks only (no pair mask varying over the "
+                         f"queries, got mask.shape={tuple(mask.shape)}); use backend='reference'")
+    keep = torch.ones((), dtype=compute, device=k.device) if mask is None else mask
+    if keep.dim() >= 2:
+        keep = keep.squeeze(-2)  # a key mask arrives as the pair mask (B', H', 1, S)
+    keep = keep.to(compute).expand(k.shape[:-1])  # (B, H, S)
+    fk = fk * keep.unsqueeze(-1)
+    kv = fk.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, S, F, Dv)
+    if is_causal:
+        idx = torch.arange(lq, device=q.device).clamp(max=lk - 1)  # query i sees keys j <= i
+        kv_i = kv.cumsum(-3)[..., idx, :, :]  # (B, H, L, F, Dv)
+        z_i = fk.cumsum(-2)[..., idx, :]  # (B, H, L, F)
+        n_i = keep.cumsum(-1)[..., idx]  # (B, H, L)
+    else:
+        kv_i, z_i, n_i = kv.sum(-3).unsqueeze(-3), fk.sum(-2).unsqueeze(-2), keep.sum(-1).unsqueeze(-1)
+    num = (fq.unsqueeze(-2) @ kv_i).squeeze(-2)  # (B, H, L, Dv)
+    den = (fq * z_i).sum(-1)  # (B, H, L): sum_j phi_ij
+    zero = torch.zeros((), dtype=compute, device=q.device)
+    if normalize == "sum":
+        out = torch.where((den != 0).unsqueeze(-1), num / torch.where(den != 0, den, 1.0).unsqueeze(-1), zero)
+    elif normalize == "count":
+        out = num / n_i.clamp_min(1).expand(num.shape[:-1]).unsqueeze(-1)
+    else:
+        out = num
+    lse = None
+    if need_lse:
+        lse = torch.where(den > 0, den.clamp_min(torch.finfo(compute).tiny).log(), float("-inf")).to(dtype)
+    return out.to(dtype), None, lse
+
+
+@operator("kernel", backends=(
+    Backend("reference", _reference, weights=True, lse=True),
+    Backend("feature", _feature, lse=True, auto_devices=frozenset()),
+))
 def kernel_attention(
     q: Tensor,
     k: Tensor,
