@@ -286,12 +286,12 @@ def format_report(results: list[dict], cfg: MoHConfig, command: str, seconds: fl
         dense = [v["fwd_ms"]["dense"] for v in vals]
         rows.append([
             arm, fmt_mean_std(bpc), fmt_mean_std(delta), f"{vals[0]['active']:.2f}",
-            "—" if math.isnan(imb[0]) else fmt_mean_std(imb, 2), f"{sum(v['ms_step'] for v in vals) / len(vals):.0f}",
+            "—" if math.isnan(imb[0]) else fmt_mean_std(imb, 2),
             f"{sum(dense) / len(dense):.1f}", "—" if math.isnan(sparse[0]) else f"{sum(sparse) / len(sparse):.1f}",
             f"{vals[0]['params']:,}",
         ])
     table = markdown_table(
-        ["arm", "val bits / char", "Δ vs MHA-8 (paired)", "active heads", "routed load max/mean", "train ms / step",
+        ["arm", "val bits / char", "Δ vs MHA-8 (paired)", "active heads", "routed load max/mean",
          "eval fwd ms (dense-gated)", "eval fwd ms (sparse)", "parameters"], rows)
     tuned_rows = []
     if results[0]["tuned"]:
@@ -308,9 +308,11 @@ def format_report(results: list[dict], cfg: MoHConfig, command: str, seconds: fl
         f"Character LM on the Women's Clothing review texts (real data; {cfg.max_chars or 'all':,} training characters, "
         f"reviews split 90/10), context {cfg.context}, batch {cfg.batch}, d = {cfg.dim}, {cfg.depth} blocks, 8 heads of 8, "
         f"{cfg.steps} AdamW steps. \"Δ\" is paired by seed. \"routed load max/mean\": the most-used routed head's "
-        f"share of tokens over the mean share (1 = balanced, 3 = one of 6 heads takes everything at top-2). Times: "
-        f"medians on a busy shared machine, only comparable within one column of one run; MoH trains with the dense-gated "
-        f"reference (every head computed).\n\n{table}\n\n"
+        f"share of tokens over the mean share (1 = balanced, 3 = one of 6 heads takes everything at top-2). "
+        f"\"eval fwd ms\": median forward time of one validation batch ({cfg.batch} × {cfg.context}), the same model with "
+        f"compute=\"dense\" and \"sparse\" timed interleaved, mean over seeds; a busy shared machine, so compare within a row "
+        f"only. MoH trains with the dense-gated reference (every head computed); training step times, measured one arm "
+        f"after another while the machine's load changed, are in the JSON output only.\n\n{table}\n\n"
         f"### Continue-tuning from the trained MHA-8 ({cfg.tune_steps} steps, lr {cfg.tune_lr:g})\n\n{tuned}\n"
     )
 
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-steps", type=int, default=MoHConfig.tune_steps)
     parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the Results sections")
     parser.add_argument("--json", default=None, help="also write the raw per-seed results to this JSON file")
+    parser.add_argument("--from-json", default=None, help="format the results of an earlier --json run (no training)")
     args = parser.parse_args(argv)
     cfg = MoHConfig(seeds=tuple(args.seeds), steps=args.steps, tune_steps=args.tune_steps)
     command = COMMAND
@@ -333,11 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.tune_steps != defaults.tune_steps:
         command += f" --tune-steps {cfg.tune_steps}"
     t0 = time.perf_counter()
-    results = run_experiment(cfg)
-    report = format_report(results, cfg, command, time.perf_counter() - t0)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results, seconds = saved["results"], saved.get("seconds", math.nan)
+        cfg = MoHConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    else:
+        results = run_experiment(cfg)
+        seconds = time.perf_counter() - t0
+    report = format_report(results, cfg, command, seconds)
     print(f"## {RESULTS_SECTION}\n\n{report}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "results": results, "seconds": seconds}, indent=1))
     if not args.no_docs:
         print(f"\nwrote section {RESULTS_SECTION!r} of {write_doc_section(RESULTS_SECTION, report, README)}")
         write_doc_section("Experiment results", report, DOC, header="# Mixture-of-Head attention (MoH)\n")
