@@ -67,7 +67,9 @@ def test_configs_are_importable_by_class_path():
 
     cfg = Neighborhood(kernel_size=7)
     assert cfg.name == "neighborhood"
-    assert cfg.options() == {"kernel_size": 7, "dilation": 1, "is_causal": False, "scale": None, "backend": "auto"}
+    assert cfg.options() == {
+        "kernel_size": 7, "dilation": 1, "is_causal": False, "stride": 1, "border": "shift", "scale": None, "backend": "auto",
+    }
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.kernel_size = 3
