@@ -193,7 +193,8 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, blo
     q_sub = q[:, :, block.r0:]  # (B, H, Lb, D)
     k_sub, v_sub = k[:, :, : block.nk], v[:, :, : block.nk]  # (B, H, nk, D), (B, H, nk, Dv)
     km = None if key_mask is None else key_mask[..., : block.nk]  # (B, H', nk)
-    return dense_attention(q_sub, k_sub, v_sub, key_mask=km, mask=block.pairs, scale=scale,
+    pairs = None if block.pairs is None else block.pairs.to(q.device)  # (Lb, nk), planned on the CPU
+    return dense_attention(q_sub, k_sub, v_sub, key_mask=km, mask=pairs, scale=scale,
                            is_causal=block.kind == "causal", return_lse=True)
 
 
