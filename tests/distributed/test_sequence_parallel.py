@@ -271,6 +271,23 @@ def test_layout_positions_and_causal_load_balance():
     assert causal_work(4096, 4, "zigzag", "allowed") == [2097664] * 4
     striped = causal_work(4096, 4, "striped", "allowed")
     assert max(striped) / min(striped) < 1.01
+    # the planner's rectangle + kind reproduces the causal pattern of any increasing positions (every kind occurs)
+    g = torch.Generator().manual_seed(3)
+    kinds = set()
+    for _ in range(200):
+        pos_q = torch.sort(torch.randperm(12, generator=g)[:5]).values
+        pos_k = torch.sort(torch.randperm(12, generator=g)[:4]).values
+        want = pos_q.unsqueeze(1) >= pos_k.unsqueeze(0)  # (5, 4)
+        block = _plan(pos_q, pos_k, 5, 4)
+        got = torch.zeros(5, 4, dtype=torch.bool)
+        if block is not None:
+            kinds.add(block.kind)
+            rect = {"full": torch.ones(5 - block.r0, block.nk, dtype=torch.bool),
+                    "causal": torch.ones(5 - block.r0, block.nk, dtype=torch.bool).tril(),
+                    "mask": block.pairs}[block.kind]
+            got[block.r0:, : block.nk] = rect
+        assert torch.equal(got, want), (pos_q, pos_k, block)
+    assert kinds == {"full", "causal", "mask"}
     # computed blocks per rank: contiguous r + 1, zig-zag and striped W (causal skipping)
     for layout, expected in (("contiguous", [1, 2, 3, 4]), ("zigzag", [4] * 4), ("striped", [4] * 4)):
         lengths = shard_sizes(32, 4, layout)
