@@ -58,6 +58,10 @@ def test_streamed_prediction_bounded_memory_same_rows_atomic_output(fitted, caps
     parquet = tmp / "big.parquet"
     pq.write_table(pa.Table.from_pandas(big, preserve_index=False), parquet, row_group_size=CHUNK // 2)
     assert sum(len(c) for c in iter_table_chunks(parquet, CHUNK)) == ROWS
+    dup = tmp / "dup.csv"
+    dup.write_text("a,b,a\n1,2,3\n")
+    with pytest.raises(ValueError, match=r"duplicate column name\(s\) \['a'\]"):
+        next(iter_table_chunks(dup, 10))
     assert [len(c) for c in iter_table_chunks(csv, CHUNK)] == [CHUNK] * 24
 
     one_chunk = tmp / "one_chunk.csv"

@@ -29,12 +29,18 @@ from attnfuse.train.datamodule import drop_inputs
 __all__ = ["StreamingPredictionWriter", "StreamingTableDataset", "iter_table_chunks"]
 
 
+def _no_duplicates(path: Path, names: list[str]) -> None:
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"table file {path} has duplicate column name(s) {duplicated}; every column needs its own name")
+
+
 def iter_table_chunks(path: str | Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The rows of a CSV / TSV / Parquet table, ``chunk_rows`` at a time (the last chunk may be shorter).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: ``chunk_rows < 1`` or an unsupported suffix.
+        ValueError: ``chunk_rows < 1``, an unsupported suffix, or duplicate column names.
     """
     if chunk_rows < 1:
         raise ValueError(f"data.predict_chunk_rows must be >= 1, got {chunk_rows}")
@@ -46,11 +52,14 @@ def iter_table_chunks(path: str | Path, chunk_rows: int) -> Iterator[pd.DataFram
         import pyarrow.parquet as pq
 
         with pq.ParquetFile(p) as source:
+            _no_duplicates(p, source.schema_arrow.names)
             for batch in source.iter_batches(batch_size=chunk_rows):
                 yield batch.to_pandas()
         return
     if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz", ".tsv", ".tsv.gz")):
         sep = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+        header = pd.read_csv(p, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+        _no_duplicates(p, [h for h in header if h != ""])  # pandas would rename copies 'name.1'
         with pd.read_csv(p, sep=sep, chunksize=chunk_rows) as reader:
             yield from reader
         return
