@@ -236,7 +236,7 @@ def test_module_stride_and_border():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid,kernel,dilation,causal,stride,border", [CONFIGS[1], CONFIGS[7], CONFIGS[10]], ids=[IDS[1], IDS[7], IDS[10]])
+@pytest.mark.parametrize("grid,kernel,dilation,causal,stride,border", [CONFIGS[1], CONFIGS[10]], ids=[IDS[1], IDS[10]])
 def test_flex_matches_reference_cpu_inference(grid, kernel, dilation, causal, stride, border):
     geom = make_geometry(grid, kernel, dilation, causal, stride, border)
     q, k, v = make_qkv(1, 2, grid, d=16, dtype=torch.float32, grad=False, seed=12)
