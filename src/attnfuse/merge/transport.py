@@ -56,7 +56,7 @@ def transport_plan(
     reg: float = 0.08,
     normalize: Literal["max", "none"] = "max",
     standardize: bool = True,
-    num_iter: int = 10_000,
+    num_iter: int = 1_000,
 ) -> tuple[Tensor, float]:
     """The raw transport plan ``T`` (sums to 1) and its cost ``<T, M>``; see :func:`transport_map`.
 
@@ -80,7 +80,7 @@ def transport_plan(
     return solve_ot(cost, solver=solver, reg=reg, num_iter=num_iter)
 
 
-def solve_ot(cost: Tensor, *, solver: Solver = "sinkhorn", reg: float = 0.08, num_iter: int = 10_000) -> tuple[Tensor, float]:
+def solve_ot(cost: Tensor, *, solver: Solver = "sinkhorn", reg: float = 0.08, num_iter: int = 1_000) -> tuple[Tensor, float]:
     """Uniform-marginal OT for a given cost matrix with POT: the plan (sums to 1, float64) and ``<T, M>``.
 
     Shapes: cost ``(n_a, n_b)`` -> ``(n_a, n_b)``.
@@ -95,7 +95,7 @@ def solve_ot(cost: Tensor, *, solver: Solver = "sinkhorn", reg: float = 0.08, nu
     if solver == "emd":
         plan = ot.emd(mu, nu, m, numItermax=max(100_000, 100 * m.size))
     else:
-        plan = ot.sinkhorn(mu, nu, m, reg, method="sinkhorn_log", numItermax=num_iter, stopThr=1e-12)
+        plan = ot.sinkhorn(mu, nu, m, reg, method="sinkhorn_log", numItermax=num_iter, stopThr=1e-9)
     plan = torch.as_tensor(np.asarray(plan), dtype=torch.float64)
     return plan, float((plan * cost).sum())
 
