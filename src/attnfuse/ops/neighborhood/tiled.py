@@ -1,9 +1,10 @@
 """Tiled neighborhood attention: query tiles attend densely to their key region under a window mask.
 
 The CPU training path, in pure PyTorch (forward and backward through autograd). Queries are cut
-into tiles of ``T = prod(tile)`` tokens of one dilation group; the union of the windows of a tile
-is a box of at most ``tile + kernel - 1`` group positions per axis (window starts move by at most
-one per query), its *key region* of ``R`` tokens. Each tile then runs one dense ``T x R``
+into tiles of ``T = prod(tile)`` tokens of one dilation group, rounded up to whole stride groups;
+the union of the windows of a tile is a box of at most ``tile - stride + kernel`` group positions
+per axis (window starts move by at most ``stride`` per stride group; ``tile + kernel - 1`` for plain
+NA, exactly ``tile`` when ``stride = kernel``), its *key region* of ``R`` tokens. Each tile then runs one dense ``T x R``
 attention with a boolean mask that keeps exactly each query's NATTEN window, so the work is a few
 large batched matmuls (``scaled_dot_product_attention`` when no log-sum-exp is needed) instead of
 a gather per query. The region is gathered with one row ``index_select`` on ``(B*H*N, D)``
@@ -11,6 +12,10 @@ a gather per query. The region is gathered with one row ``index_select`` on ``(B
 
 Trade-off: a tile computes ``T * R`` scores for ``T * prod(kernel)`` useful ones; small tiles
 waste less but give small matmuls. :func:`default_tile` holds the tile sizes measured on CPU.
+
+Busy machines: calls without gradients cut the tiles into chunks that a persistent pool of
+single-threaded workers takes one at a time (:class:`TiledOptions`), so a thread the OS deschedules
+delays its own chunk instead of every op's OpenMP barrier (issue 13, item 8).
 
 Shapes: ``q (B, H, *grid, D)``, ``k (B, H, *grid, D)``, ``v (B, H, *grid, Dv)``; ``N = prod(grid)``,
 ``K = prod(kernel)``, ``nT`` tiles of ``T`` queries with regions of ``R`` keys.
