@@ -51,7 +51,7 @@ D = 8
 RING_BY_NAME = ("'ring' / 'ulysses' by name: nn.Attention resolves SEQUENCE_PARALLEL names (nn/attention.py:86) but "
                 "op_config / get_operator do not (ops/_registry.py:340-368), so TransformerBlock, Encoder "
                 "(nn/transformer.py:167), DecoupledAttention, WaveletDirectionalAttention and the fusions built on them "
-                "raise KeyError 'unknown attention operator'")
+                "raise KeyError 'unknown attention operator'; the class names 'Ring' / 'Ulysses' fail even in nn.Attention")
 RING_UNLISTED = ("nn.Attention(op='ring' | 'ulysses') works (docs/distributed.md) but `attnfuse list` does not show the "
                  "names and `attnfuse describe ring` exits 2 ('unknown name'): cli/main.py _core_registries reads "
                  "OPERATORS only")
@@ -235,6 +235,7 @@ def test_sequence_parallel_names_work_wherever_nn_attention_takes_them(name):
     for fusion in FUSIONS_WITH_OP:
         if fusion != "parameter_free":  # its default drop_ratio belongs to silu_kernel
             _build_fusion(fusion, name)
+    Attention(D, 2, op=SEQUENCE_PARALLEL[name].__name__)  # the class name, as "Dense" works for dense
 
 
 # ---- operators in every nn module / fusion that takes ``op`` ------------------------------------------------------
@@ -256,7 +257,15 @@ def _captured_example(module: str) -> tuple[tuple, dict, tuple]:
     with mock.patch.object(spec.cls, "__init__", record):
         torch.manual_seed(0)
         _, inputs = spec.example()
-    return *calls[0], inputs
+    args, kwargs = calls[0]
+    # sub-modules given to the constructor (ParallelBlock(attn=...)) replace the branch that op= builds: leave them out
+    return args, {k: v for k, v in kwargs.items() if not isinstance(v, torch.nn.Module)}, inputs
+
+
+def _holds(module: torch.nn.Module, choice) -> bool:
+    """Whether ``op=choice`` reached the module: a sub-module holds it as its ``op`` (typed options or the spec)."""
+    want = op_config(choice)
+    return any(getattr(m, "op", None) == want or getattr(m, "op", None) is want.spec for m in module.modules())
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -283,11 +292,13 @@ def test_every_module_with_op_takes_every_operator(module, name):
     args, kwargs, inputs = _captured_example(module)
     torch.manual_seed(0)
     try:
+        built = MODULES[module].cls(*args, **{**kwargs, "op": _choice(name)})
         with torch.no_grad():
-            out = MODULES[module].cls(*args, **{**kwargs, "op": _choice(name)})(*inputs)
+            out = built(*inputs)
     except Exception as err:
         _assert_documented(err, name)
         return
+    assert _holds(built, _choice(name)), f"{module}: op={_choice(name)!r} did not reach any attention layer"
     outs = [o for o in _outputs(out) if o.is_floating_point()]
     assert outs and all(torch.isfinite(o).all() for o in outs), module
 
@@ -297,8 +308,7 @@ def test_every_module_with_op_takes_a_typed_config():
     for module in MODULES_WITH_OP:
         args, kwargs, _ = _captured_example(module)
         op = op_config("dense")
-        built = MODULES[module].cls(*args, **{**kwargs, "op": op})
-        assert op in {getattr(m, "op", None) for m in built.modules()}, module
+        assert _holds(MODULES[module].cls(*args, **{**kwargs, "op": op}), op), module
 
 
 def _build_fusion(fusion: str, op):
@@ -390,6 +400,32 @@ def test_every_operator_in_a_fit_config(name, tmp_path):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def _tasks() -> list[str]:
+    try:
+        from attnfuse.train.tasks import TASKS
+    except ModuleNotFoundError:  # the core install: no train extra
+        return []
+    return sorted(TASKS)
+
+
+@pytest.mark.parametrize("task", _tasks())
+def test_every_task_in_a_fit_config(task, tmp_path):
+    """``model.task: NAME`` on the synthetic table made for that task (it promises every task type): a training step."""
+    pytest.importorskip("lightning")
+    from attnfuse.train.lightning_cli import make_cli
+    from attnfuse.train.tasks import TASKS
+
+    config = {"data": {"dataset": "synthetic", "options": {"num_rows": 40, "task": task}, "batch_size": 8},
+              "model": {"dim": D, "task": task, "fusion": {"class_path": _default_fusion(), "init_args": {"depth": 1, "heads": 2}}},
+              "trainer": {"logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path)}}
+    cli = make_cli(config, run=False)
+    assert isinstance(cli.model.task, TASKS[task])
+    cli.datamodule.setup("fit")
+    loss = cli.model.training_step(next(iter(cli.datamodule.train_dataloader())), 0)
+    loss = loss["loss"] if isinstance(loss, dict) else loss
+    assert torch.isfinite(loss)
+
+
 # ---- commands ------------------------------------------------------------------------------------------------------
 
 
@@ -402,11 +438,25 @@ def _subcommands() -> list[str]:
 
 @pytest.mark.parametrize("command", _subcommands())
 def test_every_advertised_command_has_help(command, capsys):
-    from attnfuse.cli import main
+    """Each subcommand ``attnfuse --help`` lists (merge included) has its own usage and options."""
+    from attnfuse.cli.main import _parser
 
-    if command == "bench":  # everything after `bench` belongs to the benchmark runner: its own --help
-        pytest.skip("bench forwards --help to python -m benchmarks.run (tests/benchmarks/test_bench_command.py)")
     with pytest.raises(SystemExit) as done:
-        main([command, "--help"])
+        _parser().parse_args([command, "--help"])  # `attnfuse bench --help` itself goes to the benchmark runner
     assert done.value.code in (0, None)
     assert f"usage: attnfuse {command}" in capsys.readouterr().out
+
+
+def test_test_file_basenames_are_unique():
+    """pytest's default (prepend) import mode imports test files by basename: two ``test_x.py`` in different folders
+    without ``__init__.py`` stop the collection of the whole suite ("import file mismatch")."""
+    from collections import defaultdict
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    by_name = defaultdict(list)
+    for path in root.rglob("test_*.py"):
+        if not (path.parent / "__init__.py").exists():
+            by_name[path.name].append(str(path.relative_to(root)))
+    clashes = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not clashes, f"rename one of each (e.g. tests/experiments/test_<name>_experiment.py): {clashes}"
