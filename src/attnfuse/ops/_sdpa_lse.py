@@ -78,14 +78,13 @@ def _fold_dlse_into_out(dout: Tensor, dlse: Tensor, out: Tensor) -> Tensor | Non
     """
     if out.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
         return None
-    dout32 = dout.to(torch.float64) if dout.dtype == torch.float64 else dout.float()
-    nrm = (dout32 * dout32).sum(-1)  # (B, H, L)
+    nrm = torch.linalg.vecdot(dout, dout)  # (B, H, L) |dO|² per row
     g = dlse.to(nrm.dtype)
     active = g != 0
     if bool((active & (nrm < 1e-20)).any()):
         return None
     alpha = torch.where(active, g / torch.where(active, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm))
-    return (out - alpha.unsqueeze(-1).to(out.dtype) * dout).contiguous()  # (B, H, L, W)
+    return torch.addcmul(out, dout, alpha.unsqueeze(-1).neg())  # (B, H, L, W): out - alpha dO, one pass
 
 
 def _cpu_backward(dout, dlse, q, k, v, out, lse, mask, scale, is_causal):
