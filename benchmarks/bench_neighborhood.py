@@ -205,7 +205,26 @@ def _load(quick: bool, dev: torch.device) -> list[dict]:
             busy = time_interleaved(fns, device=dev, warmup=1, repeat=repeat)
     else:
         busy = idle
+    # training: forward+backward (the grad path runs as one call; no worker pool)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(qg.shape, device=dev, dtype=dtype, generator=g)
+    train = {"auto": _fwd_bwd(_na("auto", kernel), qg, kg, vg, grad_out), "dense sdpa": _fwd_bwd(_dense, qg, kg, vg, grad_out)}
+    train_idle = time_interleaved(train, device=dev, warmup=1, repeat=max(3, repeat // 2))
+    if dev.type == "cpu":
+        with competing_load(1):
+            train_busy = time_interleaved(train, device=dev, warmup=1, repeat=max(3, repeat // 2))
+    else:
+        train_busy = train_idle
     records = []
+    for cond, timings in (("no extra load", train_idle), ("+1 competing process", train_busy)):
+        for name, t in timings.items():
+            rec = record(op="neighborhood", backend=name, variant=f"k={kernel}, {cond}", shape=(b, h, *grid, d), dtype=dtype,
+                         device=dev, ms=t["ms"], min_ms=t["min_ms"], iqr_ms=t["iqr_ms"], **{"pass": "fwd+bwd"})
+            if cond != "no extra load":
+                slow = train_busy[name]["ms"] / train_idle[name]["ms"]
+                rec["slowdown"] = slow
+                rec["vs_dense"] = slow / (train_busy["dense sdpa"]["ms"] / train_idle["dense sdpa"]["ms"])
+            records.append(rec)
     for cond, timings in (("no extra load", idle), ("+1 competing process", busy)):
         for name, t in timings.items():
             slow = busy[name]["ms"] / idle[name]["ms"]
