@@ -108,11 +108,11 @@ def _cpu_backward(dout, dlse, q, k, v, out, lse, mask, scale, is_causal):
 
 
 # -------------------------------------------------------------------------------------------- CUDA
-def _cuda_mask(mask: Tensor | None, shape: tuple[int, int, int, int]) -> Tensor | None:
+def _cuda_mask(mask: Tensor | None, shape: tuple[int, int, int, int], like: Tensor) -> Tensor:
     """The bias in the layout the memory-efficient kernel reads: last axis stride aligned to 16."""
-    if mask is None:
-        return None
     s = shape[-1]
+    if mask is None:  # the backward op takes a (non-optional) bias: a zero row broadcast by strides costs nothing
+        return like.new_zeros(_round_up(s, _CUDA_MASK_ALIGN)).narrow(0, 0, s).expand(shape)
     padded = _round_up(s, _CUDA_MASK_ALIGN)
     full = mask.expand(shape)  # (B, H, L, S) view
     buf = full.new_zeros((*shape[:-1], padded))  # (B, H, L, S') as SDPA's own pad_bias
@@ -124,7 +124,7 @@ def _cuda_forward(q, k, v, mask, scale, is_causal):
     width_qk = _round_up(q.shape[-1], _CUDA_ALIGN)
     width_v = _round_up(v.shape[-1], _CUDA_ALIGN)
     qp, kp, vp = _pad_last(q, width_qk), _pad_last(k, width_qk), _pad_last(v, width_v)
-    bias = _cuda_mask(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    bias = _cuda_mask(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q)
     out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
         qp, kp, vp, bias, True, 0.0, is_causal, scale=scale,
     )  # (B, H, L, Wv), (B, H, L') with L' >= L (padded by the kernel)
