@@ -128,6 +128,7 @@ def _registries() -> dict[str, set[str]]:
     from attnfuse.data import DATASETS
     from attnfuse.train.tasks import TASKS
 
+    # keys: the first word of each `attnfuse list` header ("fusion building blocks ..." -> "fusion")
     return {"operators": set(OPS), "fusions": set(FUSIONS), "fusion": set(BLOCKS), "modules": set(MODULES),
             "tasks": set(TASKS), "datasets": set(DATASETS)}
 
@@ -157,6 +158,19 @@ def test_describe_every_listed_name(section, name):
     assert code == 0 and not err, err
     assert out.startswith(name), out[:200]
     assert len(out.splitlines()) >= 3, f"describe {name}: no documentation\n{out}"
+    if section == "datasets":  # the header promises: "`attnfuse describe NAME` shows options"
+        assert "options:" in out, out
+
+
+def test_every_listed_name_is_documented():
+    """Each operator, fusion, building block and module appears in docs/ (by its class or function name)."""
+    from pathlib import Path
+
+    docs = "\n".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
+    named = {**{n: OPERATORS[n].fn.__name__ for n in OPS}, **{n: c.__name__ for n, c in {**FUSIONS, **BLOCKS}.items()},
+             **{n: s.cls.__name__ for n, s in MODULES.items()}}
+    missing = sorted(n for n, obj in named.items() if not re.search(rf"\b{obj}\b", docs))
+    assert not missing, f"not mentioned in docs/*.md: {missing}"
 
 
 @pytest.mark.xfail(strict=True, reason=RING_UNLISTED)
