@@ -74,3 +74,17 @@ def test_merge_errors_are_one_line(two_fits, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", "--models", str(a), str(b), "--method", "ot", "--mode", "acts", "--output", str(tmp / "y.ckpt")]) == 2
     assert "needs --config" in capsys.readouterr().err
+
+
+def test_merge_ot_fixed_prefixes_are_averaged_without_alignment(two_fits):
+    tmp, cfg, (a, b) = two_fits["tmp"], two_fits["config"], two_fits["ckpts"]
+    out = tmp / "merged_fixed.ckpt"
+    assert main(["merge", "--models", str(a), str(b), "--method", "ot", "--mode", "wts", "--fixed", "head",
+                 "--output", str(out)]) == 0
+    merged = load_lightning_checkpoint(out)
+    assert merged["merge"]["fixed"] == ["head"] and merged["merge"]["mode"] == "wts"
+    sa, sb = load_lightning_checkpoint(a)["state_dict"], load_lightning_checkpoint(b)["state_dict"]
+    heads = [k for k in sb if k.startswith("model.head.")]
+    assert heads
+    for k in heads:  # averaged as they are
+        torch.testing.assert_close(merged["state_dict"][k], (sa[k] + sb[k]) / 2)

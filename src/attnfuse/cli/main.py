@@ -258,7 +258,7 @@ def _merge(args: argparse.Namespace) -> int:
     with quiet_console():
         record = merge_checkpoints(args.models, output=args.output, method=args.method, config=config, anchor=args.anchor,
                                    mode=args.mode, solver=args.solver, reg=args.reg, residual=args.residual,
-                                   samples=args.samples, overwrite=args.overwrite)
+                                   samples=args.samples, fixed=args.fixed, overwrite=args.overwrite)
     print(f"wrote {record['output']} (+ .sha256): {args.method} of {len(args.models)} checkpoints; evaluate it with "
           f"attnfuse test --config <fit config> --ckpt_path {record['output']}")
     return 0
@@ -425,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", default="mean", choices=("mean", "weighted_scalar", "only_resid", "no_resid", "acts"),
                    help="how transport maps combine at residual joins")
     p.add_argument("--samples", type=int, default=200, help="training samples for the activations")
+    p.add_argument("--fixed", nargs="*", default=[], help="parameter-name prefixes averaged without alignment (ot), e.g. "
+                   "head.pool when a layer is not on the residual stream")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--threads", type=_threads_arg, default=None, help=THREADS_HELP)
     p.set_defaults(fn=_merge)

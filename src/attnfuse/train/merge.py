@@ -71,6 +71,7 @@ def merge_checkpoints(
     reg: float = 0.08,
     residual: str = "mean",
     samples: int = 200,
+    fixed: Sequence[str] = (),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fuse the models of ``attnfuse fit`` checkpoints and write one checkpoint of the anchor's architecture.
@@ -85,6 +86,7 @@ def merge_checkpoints(
         mode: ``"acts"`` or ``"wts"`` OT cost (default: acts with a config, else wts).
         solver, reg, residual: as :func:`attnfuse.merge.ot_fuse`.
         samples: training samples used for activations.
+        fixed: parameter-name prefixes of the model (``head.pool`` ...) averaged without alignment (OT only).
         overwrite: replace an existing ``output``.
 
     Returns:
@@ -119,8 +121,8 @@ def merge_checkpoints(
         data = _batches(config, samples) if mode == "acts" else None
         with torch.no_grad():
             fused, report = ot_fuse([t.model for t in tasks], anchor=anchor, data=data, mode=mode, solver=solver,
-                                    reg=reg, residual=residual)
-        record.update({"mode": mode, "solver": solver, "reg": float(reg), "residual": residual,
+                                    reg=reg, residual=residual, fixed=tuple(fixed))
+        record.update({"mode": mode, "solver": solver, "reg": float(reg), "residual": residual, "fixed": list(fixed),
                        "ot_cost": {k: float(v) for k, v in report.costs[0 if anchor else 1].items()}})
     target = tasks[anchor]
     target.model = fused
