@@ -77,7 +77,7 @@ def test_merge_errors_are_one_line(two_fits, capsys):
 
 
 def test_merge_ot_fixed_prefixes_are_averaged_without_alignment(two_fits):
-    tmp, cfg, (a, b) = two_fits["tmp"], two_fits["config"], two_fits["ckpts"]
+    tmp, (a, b) = two_fits["tmp"], two_fits["ckpts"]
     out = tmp / "merged_fixed.ckpt"
     assert main(["merge", "--models", str(a), str(b), "--method", "ot", "--mode", "wts", "--fixed", "head",
                  "--output", str(out)]) == 0
