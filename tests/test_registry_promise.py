@@ -49,9 +49,9 @@ TINY_FUSION = {"heads": 2, "depth": 1, "per_source_depth": 1, "cross_depth": 1, 
 D = 8
 
 RING_BY_NAME = ("'ring' / 'ulysses' by name: nn.Attention resolves SEQUENCE_PARALLEL names (nn/attention.py:86) but "
-                "op_config / get_operator do not (ops/_registry.py:340-368), so TransformerBlock, Encoder "
-                "(nn/transformer.py:167), DecoupledAttention, WaveletDirectionalAttention and the fusions built on them "
-                "raise KeyError 'unknown attention operator'; the class names 'Ring' / 'Ulysses' fail even in nn.Attention")
+                "op_config / get_operator do not (ops/_registry.py:326, 346), so TransformerBlock, Encoder "
+                "(nn/transformer.py:80, 167), DecoupledAttention (nn/deconstructed.py:110), WaveletDirectionalAttention and the fusions "
+                "built on them raise KeyError 'unknown attention operator'; the class names 'Ring' / 'Ulysses' fail even in nn.Attention")
 RING_UNLISTED = ("nn.Attention(op='ring' | 'ulysses') works (docs/distributed.md) but `attnfuse list` does not show the "
                  "names and `attnfuse describe ring` exits 2 ('unknown name'): cli/main.py _core_registries reads "
                  "OPERATORS only")
