@@ -48,25 +48,14 @@ MODULES_WITH_OP = sorted(n for n, s in MODULES.items() if "op" in inspect.signat
 TINY_FUSION = {"heads": 2, "depth": 1, "per_source_depth": 1, "cross_depth": 1, "node_depth": 1, "mlp_ratio": 1.0}
 D = 8
 
-RING_BY_NAME = ("'ring' / 'ulysses' by name: nn.Attention resolves SEQUENCE_PARALLEL names (nn/attention.py:86) but "
-                "op_config / get_operator do not (ops/_registry.py:326, 346), so TransformerBlock, Encoder "
-                "(nn/transformer.py:80, 167), DecoupledAttention (nn/deconstructed.py:110), WaveletDirectionalAttention and the fusions "
-                "built on them raise KeyError 'unknown attention operator'; the class names 'Ring' / 'Ulysses' fail even in nn.Attention")
-RING_UNLISTED = ("nn.Attention(op='ring' | 'ulysses') works (docs/distributed.md) but `attnfuse list` does not show the "
-                 "names and `attnfuse describe ring` exits 2 ('unknown name'): cli/main.py _core_registries reads "
-                 "OPERATORS only")
-WDAM_TYPED = ("WaveletDirectionalAttention(op=...) is annotated `str` and calls get_operator(op) (nn/frequency.py:501,510): "
-              "a typed OpConfig such as Dense() raises KeyError 'unknown attention operator Dense(...)' while every other "
-              "module and fusion takes `str | OpConfig`")
-
-
 def _spec_options(name: str) -> dict:
     return {**MINIMAL_OPTIONS.get(name, {}), **SEQUENCE_OVERRIDES.get(name, {})}
 
 
 def _choice(name: str) -> str | OpConfig:
     """How a config names the operator: the bare name when every option has a default, else its typed options
-    (always typed for ring / ulysses: their names are checked on their own, see RING_BY_NAME)."""
+    (always typed for ring / ulysses: their names are checked on their own, in
+    test_sequence_parallel_names_work_wherever_nn_attention_takes_them)."""
     if name in SEQUENCE_PARALLEL:
         return SEQUENCE_PARALLEL[name]()
     spec = OPERATORS[name]
@@ -128,8 +117,9 @@ def _registries() -> dict[str, set[str]]:
     from attnfuse.data import DATASETS
     from attnfuse.train.tasks import TASKS
 
-    # keys: the first word of each `attnfuse list` header ("fusion building blocks ..." -> "fusion")
-    return {"operators": set(OPS), "fusions": set(FUSIONS), "fusion": set(BLOCKS), "modules": set(MODULES),
+    # keys: the first word of each `attnfuse list` header ("fusion building blocks ..." -> "fusion"); the
+    # sequence-parallel names are listed with the operators (the header's promise: nn.Attention(op=NAME) takes them)
+    return {"operators": set(OPS) | set(SEQ_PARALLEL), "fusions": set(FUSIONS), "fusion": set(BLOCKS), "modules": set(MODULES),
             "tasks": set(TASKS), "datasets": set(DATASETS)}
 
 
@@ -173,7 +163,6 @@ def test_every_listed_name_is_documented():
     assert not missing, f"not mentioned in docs/*.md: {missing}"
 
 
-@pytest.mark.xfail(strict=True, reason=RING_UNLISTED)
 @pytest.mark.parametrize("name", SEQ_PARALLEL)
 def test_names_nn_attention_resolves_are_listed_and_described(name):
     Attention(D, 2, op=name)  # accepted by nn.Attention (the header "operators (nn.Attention(op=NAME) ...)")
@@ -237,19 +226,23 @@ def test_sequence_parallel_options_fall_back_to_local_attention(name):
             attn(x, return_weights=True)
 
 
-@pytest.mark.xfail(strict=True, reason=RING_BY_NAME)
 @pytest.mark.parametrize("name", SEQ_PARALLEL)
 def test_sequence_parallel_names_work_wherever_nn_attention_takes_them(name):
     Attention(D, 2, op=name)  # works
     TransformerBlock(D, 2, op=name)
     Encoder(D, depth=1, heads=2, op=name)
-    for module in MODULES_WITH_OP:
-        args, kwargs, _ = _captured_example(module)
-        MODULES[module].cls(*args, **{**kwargs, "op": name})
+    for module in MODULES_WITH_OP:  # the name resolves; a module whose attention needs what the operator lacks
+        args, kwargs, _ = _captured_example(module)  # (WDAM: a score bias) refuses it by name, never a KeyError
+        try:
+            MODULES[module].cls(*args, **{**kwargs, "op": name})
+        except Exception as err:
+            _assert_documented(err, name)
     for fusion in FUSIONS_WITH_OP:
         if fusion != "parameter_free":  # its default drop_ratio belongs to silu_kernel
             _build_fusion(fusion, name)
-    Attention(D, 2, op=SEQUENCE_PARALLEL[name].__name__)  # the class name, as "Dense" works for dense
+    for op in (name, SEQUENCE_PARALLEL[name].__name__):  # the class name, as "Dense" works for dense
+        assert op_config(op) == SEQUENCE_PARALLEL[name]()
+        assert Attention(D, 2, op=op).op == TransformerBlock(D, 2, op=op).attn.op == SEQUENCE_PARALLEL[name]()
 
 
 # ---- operators in every nn module / fusion that takes ``op`` ------------------------------------------------------
@@ -290,14 +283,7 @@ def _outputs(out) -> list[torch.Tensor]:
     return [t for t in vars(out).values() if isinstance(t, torch.Tensor)] if hasattr(out, "__dict__") else []
 
 
-def _module_marks(module: str, name: str) -> list:
-    typed = name in SEQUENCE_PARALLEL or bool(OPERATORS[name].required_options)  # _choice gives an OpConfig
-    if module == "wavelet_directional_attention" and typed:
-        return [pytest.mark.xfail(strict=True, reason=WDAM_TYPED)]
-    return []
-
-
-MODULE_OPS = [pytest.param(m, o, marks=_module_marks(m, o)) for m in MODULES_WITH_OP for o in OPS + SEQ_PARALLEL]
+MODULE_OPS = [(m, o) for m in MODULES_WITH_OP for o in OPS + SEQ_PARALLEL]
 
 
 @pytest.mark.parametrize(("module", "name"), MODULE_OPS)
@@ -317,7 +303,6 @@ def test_every_module_with_op_takes_every_operator(module, name):
     assert outs and all(torch.isfinite(o).all() for o in outs), module
 
 
-@pytest.mark.xfail(strict=True, reason=WDAM_TYPED)
 def test_every_module_with_op_takes_a_typed_config():
     for module in MODULES_WITH_OP:
         args, kwargs, _ = _captured_example(module)
@@ -412,6 +397,19 @@ def test_every_operator_in_a_fit_config(name, tmp_path):
     loss.backward()
     grads = [p.grad for p in cli.model.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", SEQ_PARALLEL)
+def test_sequence_parallel_name_in_a_fit_config(name, tmp_path):
+    """``model.fusion.init_args.op: ring`` (the bare name, not only ``{class_path: Ring}``) builds the model."""
+    pytest.importorskip("lightning")
+    from attnfuse.train.lightning_cli import make_cli
+
+    config = {"data": {"dataset": "synthetic", "options": {"num_rows": 40}, "batch_size": 8},
+              "model": {"dim": D, "fusion": {"class_path": _default_fusion(), "init_args": {"depth": 1, "heads": 2, "op": name}}},
+              "trainer": {"logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path)}}
+    ops = [m.op for m in make_cli(config, run=False).model.modules() if isinstance(m, Attention)]
+    assert ops and all(op == SEQUENCE_PARALLEL[name]() for op in ops), ops
 
 
 def _tasks() -> list[str]:

@@ -32,10 +32,13 @@ _DISTRIBUTIONS = {"yaml": "pyyaml", "sentence_transformers": "sentence-transform
 def _core_registries() -> dict[str, dict]:
     """The registries of the core install (torch only): kind -> {name: object}."""
     from attnfuse import fusion
+    from attnfuse.distributed import SEQUENCE_PARALLEL
     from attnfuse.nn import MODULES
     from attnfuse.ops import OPERATORS
 
-    return {"operator": {k: v.fn for k, v in OPERATORS.items()}, "fusion": dict(fusion.FUSIONS),
+    return {"operator": {k: v.fn for k, v in OPERATORS.items()},
+            "sequence-parallel operator": dict(SEQUENCE_PARALLEL),  # typed options classes (Ring, Ulysses)
+            "fusion": dict(fusion.FUSIONS),
             "block": dict(getattr(fusion, "BLOCKS", {})), "module": {k: v.cls for k, v in MODULES.items()}}
 
 
@@ -71,6 +74,9 @@ def _list(_: argparse.Namespace) -> int:
     print("operators (nn.Attention(op=NAME), fusion option op: NAME):")
     for name in sorted(core["operator"]):
         print(f"  {name:<16} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
+    for name, cls in sorted(core["sequence-parallel operator"].items()):  # attnfuse.distributed: not in OPERATORS
+        print(f"  {name:<16} sequence-parallel ({cls.__name__}; nn.Attention(op=NAME, group=...)); "
+              "local without a process group")
     print("fusions (model.fusion: NAME in a fit config):")
     for name, cls in sorted(core["fusion"].items()):
         print(f"  {name:<16} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")

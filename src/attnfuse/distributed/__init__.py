@@ -9,7 +9,10 @@ holds its shard ``(B, H, L_r, D)`` and the result equals single-process attentio
 * :func:`ulysses_attention`: all-to-all head/sequence re-partition, then any registered operator on the
   whole sequence for ``H / W`` heads.
 * :func:`shard_sequence`, :func:`gather_sequence`, :func:`global_positions`: the layouts.
-* :class:`Ring`, :class:`Ulysses`: typed options for ``nn.Attention(op=...)``; ``op="ring"`` / ``"ulysses"``.
+* :class:`Ring`, :class:`Ulysses`: typed options for ``nn.Attention(op=...)``; ``op="ring"`` / ``"ulysses"``
+  (or the class names). Importing this package registers them in :data:`attnfuse.ops.EXTENSIONS`, so the
+  names resolve in :func:`attnfuse.ops.op_config` and wherever an operator is chosen (blocks, modules,
+  fusions, fit configs); :mod:`attnfuse.nn` imports it. ``attnfuse list`` shows them with the operators.
 
 With no initialised process group (or one rank) every function is its single-process counterpart.
 This package imports only :mod:`attnfuse.ops` (STYLE R1). Guide: ``docs/distributed.md``.

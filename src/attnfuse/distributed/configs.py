@@ -4,7 +4,10 @@
 this rank's shard of the tokens; with no initialised process group it is the local dense operator, so
 model code never branches on the world size. These configs are :class:`attnfuse.ops.OpConfig` subclasses
 whose ``spec`` is built here: the sequence-parallel operators are not in :data:`attnfuse.ops.OPERATORS`
-(they need a process group, so operator-wide single-process tests do not apply to them).
+(they need a process group, so operator-wide single-process tests do not apply to them). Importing this
+module registers them in :data:`attnfuse.ops.EXTENSIONS`, so ``op_config("ring")`` / ``get_operator("Ulysses")``
+resolve the names (and class names) wherever an operator is chosen: ``TransformerBlock(op="ring")``, the
+fusions, YAML ``op: ring`` (``attnfuse.nn`` imports this package).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from attnfuse.distributed.ring import ring_attention
 from attnfuse.distributed.ulysses import ulysses_attention
-from attnfuse.ops import Capabilities, OpConfig, OperatorSpec
+from attnfuse.ops import Capabilities, OpConfig, OperatorSpec, register_extension
 
 __all__ = ["SEQUENCE_PARALLEL", "Ring", "Ulysses"]
 
@@ -84,10 +87,12 @@ class Ulysses(OpConfig):
 
 
 _TAKES = Capabilities(key_mask=True, causal=True, lse=True)
-_RING_SPEC = OperatorSpec(name="ring", fn=_ring, layout="sequence", cross=True,
-                          options=frozenset({"layout", "is_causal", "scale", "group"}), takes=_TAKES, config=Ring)
-_ULYSSES_SPEC = OperatorSpec(name="ulysses", fn=_ulysses, layout="sequence", cross=True,
-                             options=frozenset({"op", "layout", "is_causal", "scale", "group"}), takes=_TAKES, config=Ulysses)
+_RING_SPEC = register_extension(OperatorSpec(name="ring", fn=_ring, layout="sequence", cross=True,
+                                             options=frozenset({"layout", "is_causal", "scale", "group"}), takes=_TAKES, config=Ring))
+_ULYSSES_SPEC = register_extension(OperatorSpec(
+    name="ulysses", fn=_ulysses, layout="sequence", cross=True,
+    options=frozenset({"op", "layout", "is_causal", "scale", "group"}), takes=_TAKES, config=Ulysses))
 
-#: Name -> options class of the sequence-parallel operators (``nn.Attention(op="ring")`` resolves here).
+#: Name -> options class of the sequence-parallel operators (registered in ``attnfuse.ops.EXTENSIONS`` above, so
+#: ``op="ring"`` / ``op="Ring"`` resolves wherever an operator is chosen).
 SEQUENCE_PARALLEL: dict[str, type[OpConfig]] = {"ring": Ring, "ulysses": Ulysses}

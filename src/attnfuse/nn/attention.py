@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnfuse.distributed import SEQUENCE_PARALLEL
+import attnfuse.distributed  # noqa: F401  (registers "ring" / "ulysses" in attnfuse.ops.EXTENSIONS)
 from attnfuse.nn._checks import resolve_head_dim
 from attnfuse.ops import OpConfig, op_config
 
@@ -83,8 +83,6 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         head_dim = resolve_head_dim(dim, heads, head_dim)
-        if isinstance(op, str) and op in SEQUENCE_PARALLEL:  # "ring" / "ulysses": attnfuse.distributed, not in OPERATORS
-            op = SEQUENCE_PARALLEL[op]()
         self.op = op_config(op, **op_kwargs)
         self.spec = self.op.spec
         self.op_kwargs = dict(op_kwargs)  # the legacy keyword options as given

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from attnfuse.nn._registry import register_module
 from attnfuse.nn.gates import SqueezeExcite
-from attnfuse.ops._registry import get_operator
+from attnfuse.ops._registry import OpConfig, get_operator, op_config
 from attnfuse.ops.frequency import laplacian_kernel_3d, patchify, phase_agreement, unit_phasor, unpatchify
 from attnfuse.ops.wavelet import haar_dwt, haar_idwt
 
@@ -482,15 +482,21 @@ class WaveletDirectionalAttention(nn.Module):
             the (signed) detail coefficients, ``τ`` multiplies the bias too. Intended: projected ``q̃, k̃``, ``v``
             shifted with them and rolled back, the Swin mask, linear details, bias added after ``τ`` scaling
             (the last two unverified against the paper text).
-        op: registered attention operator name (sequence layout, taking ``bias`` and ``mask``).
+        op: the window attention operator, a registered name or its typed options (:class:`attnfuse.ops.OpConfig`,
+            e.g. ``attnfuse.ops.configs.Dense(backend="reference")``): sequence layout, taking a score ``bias`` (the
+            relative-position table, both variants) and, for ``"intended"`` with a shift, a pair ``mask`` (the Swin
+            mask); its ``scale`` option is overridden by ``scale=1`` (``τ`` is folded into ``q``). Of the built-in
+            operators only ``"dense"`` qualifies.
         bias: conv biases (False).
         device, dtype: for the parameters.
 
     Shapes: x ``(B, C, H, W)``, ``H/2`` and ``W/2`` divisible by the (possibly shrunk) window -> same.
 
     Raises:
-        ValueError: ``channels`` not divisible by ``heads``, an operator that is not sequence-layout, or an LL band
-            not divisible by the window.
+        ValueError: ``channels`` not divisible by ``heads``, an operator that is not sequence-layout or does not take
+            the ``bias`` (or, intended with a shift, the pair ``mask``) the window attention passes, or an LL band not
+            divisible by the window.
+        KeyError: an unknown operator name.
 
     Example:
         >>> WaveletDirectionalAttention(64, heads=2)(torch.randn(1, 64, 64, 64)).shape
@@ -498,7 +504,7 @@ class WaveletDirectionalAttention(nn.Module):
     """
 
     def __init__(self, channels: int, *, heads: int = 1, window: int = 8, shift: int | None = None,
-                 variant: str = "intended", op: str = "dense", bias: bool = False,
+                 variant: str = "intended", op: str | OpConfig = "dense", bias: bool = False,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if channels % heads:
@@ -507,9 +513,19 @@ class WaveletDirectionalAttention(nn.Module):
         self.channels, self.heads, self.window = channels, heads, window
         self.shift = window // 2 if shift is None else shift
         self.variant = _check_variant(variant)
-        self.op = get_operator(op)
-        if self.op.layout != "sequence":
-            raise ValueError(f"op must be a sequence-layout operator (e.g. 'dense'), got {op!r} ({self.op.layout})")
+        spec = get_operator(op) if isinstance(op, str) else op_config(op).spec  # refuse by geometry before options
+        if spec.layout != "sequence":
+            raise ValueError(f"op must be a sequence-layout operator (e.g. 'dense'), got operator {spec.name!r} ({spec.layout})")
+        needs = [kw for kw, needed in (("bias", True), ("mask", self.variant == "intended" and self.shift > 0)) if needed]
+        missing = [kw for kw in needs if not spec.takes.takes(kw)]
+        if missing or "scale" not in spec.options:
+            what = ", ".join([*(f"{kw}= ({'relative-position score bias' if kw == 'bias' else 'shifted-window pair mask'})"
+                                for kw in missing), *([] if "scale" in spec.options else ["the option scale"])])
+            hint = " (or shift=0)" if missing == ["mask"] else ""
+            raise ValueError(f"WaveletDirectionalAttention (variant {self.variant!r}) needs an operator that takes {what}; "
+                             f"operator {spec.name!r} does not: use op='dense'{hint}")
+        self.op_options = op_config(op)  # the typed options (OpConfig); self.op: the operator's spec, whose fn is called
+        self.op = spec
         self.guide_dw = nn.Conv2d(2 * channels, 2 * channels, 3, padding=1, groups=2, bias=bias, **dd)
         self.guide_pw = nn.Conv2d(2 * channels, channels, 1, bias=bias, **dd)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=bias, **dd)
@@ -561,7 +577,8 @@ class WaveletDirectionalAttention(nn.Module):
             bias = tau * bias
         elif shift:
             mask = _shift_mask(h, w, win, shift, x.device).repeat(b, 1, 1).unsqueeze(1)  # (B·nW, 1, L, L)
-        out = self.op.fn(qw * tau, kw, vw, bias=bias.unsqueeze(0), mask=mask, scale=1.0)
+        call = {**self.op_options.options(), "bias": bias.unsqueeze(0), "mask": mask, "scale": 1.0}
+        out = self.op.fn(qw * tau, kw, vw, **call)
         out = self._merge(out, b, h, w, win)
         if shift:  # roll back (released too, although its v was never shifted)
             out = torch.roll(out, (shift, shift), (2, 3))

@@ -47,6 +47,7 @@ generates its typed options class :class:`OpConfig` (``attnfuse.ops.configs.<Nam
 
 from attnfuse.ops import backends
 from attnfuse.ops._registry import (
+    EXTENSIONS,
     OPERATORS,
     Capabilities,
     OpConfig,
@@ -55,6 +56,7 @@ from attnfuse.ops._registry import (
     list_operators,
     op_config,
     operator,
+    register_extension,
 )
 from attnfuse.ops.axial import axial_attention
 from attnfuse.ops.combiner import combiner_attention
@@ -90,6 +92,7 @@ from attnfuse.ops.silu_kernel import silu_kernel_attention
 from attnfuse.ops.wavelet import haar_dwt, haar_idwt
 
 __all__ = [
+    "EXTENSIONS",
     "OPERATORS",
     "Capabilities",
     "MoHRouting",
@@ -130,6 +133,7 @@ __all__ = [
     "phase_agreement",
     "phase_correlation",
     "query_norm_logits",
+    "register_extension",
     "routing_attention",
     "scores",
     "silu_kernel_attention",

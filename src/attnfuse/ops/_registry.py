@@ -22,8 +22,8 @@ from torch import Tensor
 from attnfuse.ops.backends import BACKENDS, Backend, Call, choose_backend
 
 __all__ = [
-    "CALL_ARGUMENTS", "OPERATORS", "Capabilities", "OpConfig", "OperatorSpec", "get_operator", "list_operators", "op_config",
-    "operator",
+    "CALL_ARGUMENTS", "EXTENSIONS", "OPERATORS", "Capabilities", "OpConfig", "OperatorSpec", "get_operator", "list_operators",
+    "op_config", "operator", "register_extension",
 ]
 
 #: Per-call arguments (tensors, masks, flags of what to return): never operator options.
@@ -185,6 +185,53 @@ class OperatorSpec:
 
 OPERATORS: dict[str, OperatorSpec] = {}
 
+#: Operators defined outside :mod:`attnfuse.ops` (by a higher layer, which this package never imports): name ->
+#: spec, filled by :func:`register_extension`. :func:`get_operator` / :func:`op_config` resolve these names (and
+#: their config class names) like those of :data:`OPERATORS`, so ``op="ring"`` works wherever an operator is
+#: chosen once :mod:`attnfuse.distributed` is imported (``attnfuse.nn`` imports it). They are kept apart from
+#: :data:`OPERATORS` because they are not single-process operators: the registry-wide operator tests and the
+#: ``docs/ops.md`` table iterate :data:`OPERATORS` only.
+EXTENSIONS: dict[str, OperatorSpec] = {}
+
+
+def _config_name_owner(class_name: str) -> str | None:
+    """The operator (in :data:`OPERATORS` or :data:`EXTENSIONS`) whose config class is named ``class_name``."""
+    for spec in (*OPERATORS.values(), *EXTENSIONS.values()):
+        if spec.config is not None and spec.config.__name__ == class_name:
+            return spec.name
+    return None
+
+
+def register_extension(spec: OperatorSpec) -> OperatorSpec:
+    """Register an operator defined outside :mod:`attnfuse.ops` under ``spec.name`` (see :data:`EXTENSIONS`).
+
+    ``spec.config`` is its hand-written :class:`OpConfig` subclass (whose ``spec`` property returns ``spec``);
+    its class name resolves too (``"Ring"``). Registering the same spec again is a no-op (a module reload).
+
+    Args:
+        spec: the operator's spec, with ``config`` set.
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ValueError: no ``config``, or the name / config class name already taken by another operator.
+    """
+    if spec.config is None or not issubclass(spec.config, OpConfig):
+        raise ValueError(f"extension operator {spec.name!r} needs config= (an attnfuse.ops.OpConfig subclass)")
+    previous = EXTENSIONS.get(spec.name)
+    if previous is not None and previous.config is not None and previous.config.__qualname__ == spec.config.__qualname__ \
+            and previous.fn.__module__ == spec.fn.__module__:
+        EXTENSIONS[spec.name] = spec  # the same definition again (e.g. importlib.reload)
+        return spec
+    if spec.name in OPERATORS or spec.name in EXTENSIONS:
+        raise ValueError(f"operator {spec.name!r} is already registered")
+    owner = _config_name_owner(spec.config.__name__)
+    if owner is not None:
+        raise ValueError(f"config class name {spec.config.__name__!r} of operator {spec.name!r} is taken by operator {owner!r}")
+    EXTENSIONS[spec.name] = spec
+    return spec
+
 
 def _is_tensor_input(hint: object) -> bool:
     """Whether a parameter annotation names a tensor (``Tensor`` or ``Tensor | None``): an input, not an option."""
@@ -266,12 +313,13 @@ def operator(
     """
 
     def decorator(fn: Callable) -> Callable:
-        if name in OPERATORS:
-            raise ValueError(f"operator {name!r} is already registered (by {OPERATORS[name].fn.__module__})")
+        if name in OPERATORS or name in EXTENSIONS:
+            owner = (OPERATORS.get(name) or EXTENSIONS[name]).fn.__module__
+            raise ValueError(f"operator {name!r} is already registered (by {owner})")
         class_name = config_name or _camel(name)
-        clash = [s.name for s in OPERATORS.values() if s.config is not None and s.config.__name__ == class_name]
-        if clash:
-            raise ValueError(f"config class name {class_name!r} of operator {name!r} is taken by operator {clash[0]!r}; "
+        clash = _config_name_owner(class_name)
+        if clash is not None:
+            raise ValueError(f"config class name {class_name!r} of operator {name!r} is taken by operator {clash!r}; "
                              "pass config_name=")
         names = [b.name for b in backends]
         if len(set(names)) != len(names) or "auto" in names:
@@ -324,18 +372,23 @@ def _drop_neutral(spec: OperatorSpec, accepted: frozenset[str], kwargs: dict) ->
 
 
 def get_operator(name: str) -> OperatorSpec:
-    """Look up a registered operator by registry name (``"neighborhood"``) or config class name (``"Neighborhood"``).
+    """Look up an operator by registry name (``"neighborhood"``) or config class name (``"Neighborhood"``).
+
+    Searches :data:`OPERATORS`, then :data:`EXTENSIONS` (``"ring"`` / ``"Ring"`` once :mod:`attnfuse.distributed`
+    is imported).
 
     Raises:
         KeyError: listing the registered names if ``name`` is unknown.
     """
-    spec = OPERATORS.get(name)
+    spec = OPERATORS.get(name) or EXTENSIONS.get(name)
     if spec is not None:
         return spec
-    for spec in OPERATORS.values():
+    for spec in (*OPERATORS.values(), *EXTENSIONS.values()):
         if spec.config is not None and spec.config.__name__ == name:
             return spec
-    raise KeyError(f"unknown attention operator {name!r}; registered operators: {list_operators()}")
+    extensions = f"; other operators: {sorted(EXTENSIONS)}" if EXTENSIONS else \
+        " (sequence-parallel 'ring' / 'ulysses' resolve once attnfuse.distributed is imported)"
+    raise KeyError(f"unknown attention operator {name!r}; registered operators: {list_operators()}{extensions}")
 
 
 def list_operators() -> list[str]:
@@ -347,7 +400,8 @@ def op_config(op: str | OpConfig, **options: Any) -> OpConfig:
     """An operator choice as its typed options: a name plus keyword options, or an :class:`OpConfig`.
 
     Args:
-        op: a registry name (``"dense"``), a config class name (``"Dense"``) or an :class:`OpConfig`.
+        op: a registry name (``"dense"``), a config class name (``"Dense"``) or an :class:`OpConfig`; names of
+            :data:`EXTENSIONS` (``"ring"``, ``"Ulysses"``) too.
         **options: option values (legacy keyword form); with an :class:`OpConfig` they replace its fields.
 
     Raises:
@@ -356,7 +410,7 @@ def op_config(op: str | OpConfig, **options: Any) -> OpConfig:
 
     Example:
         >>> op_config("neighborhood", kernel_size=7)
-        Neighborhood(kernel_size=7, dilation=1, is_causal=False, scale=None, backend='auto')
+        Neighborhood(kernel_size=7, dilation=1, is_causal=False, stride=1, border='shift', scale=None, backend='auto')
     """
     if isinstance(op, OpConfig):
         if not options:
@@ -373,6 +427,6 @@ def op_config(op: str | OpConfig, **options: Any) -> OpConfig:
         example = ", ".join(f"{n}=..." for n in missing)
         raise TypeError(
             f"operator {spec.name!r} needs option(s) {missing}, which have no default: pass op={cls}({example}) "
-            f"(YAML: op: {{class_path: {CONFIG_MODULE}.{cls}, init_args: {{{', '.join(f'{n}: ...' for n in missing)}}}}})"
+            f"(YAML: op: {{class_path: {spec.config.__module__}.{cls}, init_args: {{{', '.join(f'{n}: ...' for n in missing)}}}}})"
         )
     return spec.config(**options)

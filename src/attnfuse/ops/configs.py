@@ -12,7 +12,7 @@ An operator registered after this module was imported resolves here too (module 
 Example:
     >>> from attnfuse.ops.configs import Neighborhood
     >>> Neighborhood(kernel_size=7)
-    Neighborhood(kernel_size=7, dilation=1, is_causal=False, scale=None, backend='auto')
+    Neighborhood(kernel_size=7, dilation=1, is_causal=False, stride=1, border='shift', scale=None, backend='auto')
 """
 
 from __future__ import annotations
