@@ -36,7 +36,9 @@ class Attention(nn.Module):
         op: the operator: its typed options (``attnfuse.ops.configs.Dense(backend="reference")``,
             ``Neighborhood(kernel_size=7)``; YAML ``{class_path: attnfuse.ops.configs.Neighborhood,
             init_args: {kernel_size: 7}}``) or a registered name (``"dense"``, or the class name
-            ``"Dense"``) for its default options; see :func:`attnfuse.ops.list_operators`.
+            ``"Dense"``) for its default options; see :func:`attnfuse.ops.list_operators`. The
+            sequence-parallel ``"ring"`` / ``"ulysses"`` (``attnfuse.distributed.Ring`` / ``Ulysses``, resolved
+            through ``attnfuse.ops.EXTENSIONS``) run on this rank's shard of a process group, locally without one.
         context_dim: channel width of ``context`` (default ``dim``).
         head_dim: per-head width (default ``dim // heads``).
         qkv_bias: bias in the q/k/v projections.
