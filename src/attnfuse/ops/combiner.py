@@ -394,11 +394,8 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
         v_bar = _block_mix(pool, vb)  # (B, H, n, Dv)
         log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
         log_count = log_count.masked_fill(count == 0, float("-inf"))  # (B', H', n)
-        log_count = _partner(log_count)  # (B', H', n): small
-        # query block u reads the summary of block u ^ 1: pair the halves of each (even, odd) pair crosswise
-        q_pair, k_pair = qb.unflatten(2, (n_blocks // 2, 2)), k_bar.unflatten(2, (n_blocks // 2, 2))  # (B, H, n/2, 2, ...)
-        s_q = torch.stack([_block_dot(q_pair[:, :, :, a], k_pair[:, :, :, 1 - a]) for a in (0, 1)], dim=3)  # (B, H, n/2, 2, size)
-        s_q = s_q.flatten(2, 3) * scale + log_count.unsqueeze(-1)  # (B, H, n, size)
+        k_bar, v_bar, log_count = _partner(k_bar), _partner(v_bar), _partner(log_count)  # block u reads block u ^ 1
+        s_q = _block_dot(qb, k_bar) * scale + log_count.unsqueeze(-1)  # (B, H, n, size)
         if is_causal:  # only odd blocks look back
             odd = (torch.arange(n_blocks, device=q.device) % 2 == 1).view(-1, 1)
             s_q = s_q.masked_fill(~odd, float("-inf"))
@@ -409,11 +406,8 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
     out = w[..., :1] * vp  # (B, H, P, Dv)
     for level, v_bar in enumerate(v_bars):
         n_blocks = padded >> level
-        wl = w[..., level + 1].unflatten(2, (n_blocks // 2, 2, 2**level)).unsqueeze(-1)  # (B, H, n/2, 2, size, 1)
-        out_pair = out.unflatten(2, (n_blocks // 2, 2, 2**level))  # (B, H, n/2, 2, size, Dv) view
-        v_pair = v_bar.unflatten(2, (n_blocks // 2, 2)).unsqueeze(-2)  # (B, H, n/2, 2, 1, Dv)
-        for a in (0, 1):  # in place; block u gets the pooled value of block u ^ 1
-            out_pair[:, :, :, a].addcmul_(wl[:, :, :, a], v_pair[:, :, :, 1 - a])
+        wl = w[..., level + 1].unflatten(2, (n_blocks, 2**level)).unsqueeze(-1)  # (B, H, n, size, 1)
+        out.unflatten(2, (n_blocks, 2**level)).addcmul_(wl, v_bar.unsqueeze(3))  # in place: (B, H, n, size, Dv)
     return out[:, :, :length], lse
 
 
