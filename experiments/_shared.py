@@ -6,15 +6,22 @@ is imported by the library.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import re
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULTS_SECTION", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "write_doc_section"]
+__all__ = [
+    "RESULTS_SECTION", "add_run_arguments", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "run_and_report", "write_doc_section",
+]
 
 #: The section of each experiment's README.md that its script rewrites.
 RESULTS_SECTION = "Results"
@@ -82,3 +89,50 @@ def write_doc_section(title: str, body: str, path: str | Path, *, header: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every experiment script shares: ``--no-docs``, ``--json PATH``, ``--from-json PATH``."""
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite README / docs")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--from-json", default=None, help="write the report of a saved --json run (no training)")
+    return parser
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    cfg: Any,
+    run_experiment: Callable[[Any], Any],
+    format_report: Callable[[Any, Any, str, float], str],
+    *,
+    command: str,
+    docs: Sequence[tuple[str, Path, str]],
+) -> Any:
+    """Run (or reload with ``--from-json``) an experiment, print its report and write it into its documents.
+
+    Args:
+        args: parsed options from a parser set up with :func:`add_run_arguments`.
+        cfg: the experiment's config dataclass instance (rebuilt from the saved JSON with ``--from-json``).
+        run_experiment: ``cfg -> results`` (JSON-serialisable).
+        format_report: ``(results, cfg, command, seconds) -> markdown``.
+        command: the command line shown in the report.
+        docs: ``(section title, path, header of a new file)`` for each document whose section is rewritten.
+    Returns:
+        The results.
+    """
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        cfg, results, command, seconds = type(cfg)(**saved["config"]), saved["results"], saved["command"], saved["seconds"]
+    else:
+        t0 = time.perf_counter()
+        results = run_experiment(cfg)
+        seconds = time.perf_counter() - t0
+    report = format_report(results, cfg, command, seconds)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": results, "command": command,
+                                               "seconds": seconds}, indent=1))
+    if not args.no_docs:
+        for title, path, header in docs:
+            write_doc_section(title, report, path, header=header)
+    return results

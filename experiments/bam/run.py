@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from attnfuse.merge import bam_upcycle, btx_upcycle, moe_aux_loss
 from attnfuse.nn import ParallelBlock
-from experiments._shared import RESULTS_SECTION, fmt_mean_std, markdown_table, write_doc_section
+from experiments._shared import RESULTS_SECTION, add_run_arguments, fmt_mean_std, markdown_table, run_and_report
 from experiments.ot_fusion.run import load_patches, split_data
 
 __all__ = ["DOMAINS", "BAMConfig", "ParallelViT", "format_report", "main", "run_experiment", "run_seed"]
@@ -240,28 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     parser.add_argument("--mix-steps", type=int, default=BAMConfig.mix_steps)
-    parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite README / docs")
-    parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--from-json", default=None, help="write the report of a saved --json run (no training)")
-    args = parser.parse_args(argv)
+    args = add_run_arguments(parser).parse_args(argv)
     cfg = BAMConfig(seeds=tuple(range(args.seeds)), mix_steps=args.mix_steps)
     command = COMMAND if argv is None and len(sys.argv) == 1 else f"{COMMAND} {' '.join(argv if argv is not None else sys.argv[1:])}"
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        cfg, results, command, seconds = BAMConfig(**saved["config"]), saved["results"], saved["command"], saved["seconds"]
-    else:
-        t0 = time.perf_counter()
-        results = run_experiment(cfg)
-        seconds = time.perf_counter() - t0
-    report = format_report(results, cfg, command, seconds)
-    print(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "results": results, "command": command,
-                                                   "seconds": seconds}, indent=1))
-    if not args.no_docs:
-        write_doc_section(RESULTS_SECTION, report, README)
-        write_doc_section(DOC_SECTION, report, DOC, header="# Model merging: OT fusion and BAM upcycling\n")
-    return results
+    return run_and_report(args, cfg, run_experiment, format_report, command=command,
+                          docs=[(RESULTS_SECTION, README, "# Results\n"),
+                                (DOC_SECTION, DOC, "# Model merging: OT fusion and BAM upcycling\n")])
 
 
 if __name__ == "__main__":
