@@ -311,3 +311,55 @@ def test_registered_and_used_by_modules():
     out = fusion({"a": TokenSet(torch.randn(2, 5, 16)), "b": TokenSet(torch.randn(2, 3, 4, 16), axes=("x", "y"))})
     assert out.fused.x.shape == (2, 18, 16)
     out.fused.x.sum().backward()
+
+
+# ---- unmasked axial fast path (issue 13, item 7): one column call + one row call, hand-written backward on the CPU ----
+AXIAL_FAST = [(16, 4), (12, 3), (9, 1), (5, 5), (1, None), (36, None)]  # L divisible by the block: no padding
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dv", [6, 5], ids=["custom_backward", "autograd"])  # D == Dv: _AxialCPU; else _axial_dense
+@pytest.mark.parametrize(("pooling", "correction"), [("mean", True), ("sum", False), ("mean", False)])
+def test_axial_fast_path_matches_reference_with_lse_gradients(tol, monkeypatch, causal, dv, pooling, correction):
+    from attnfuse.ops import combiner as mod
+    calls = {"fn": 0, "dense": 0}
+    apply, dense = mod._AxialCPU.apply, mod._axial_dense
+    monkeypatch.setattr(mod._AxialCPU, "apply", lambda *a: (calls.__setitem__("fn", calls["fn"] + 1), apply(*a))[1])
+    monkeypatch.setattr(mod, "_axial_dense", lambda *a: (calls.__setitem__("dense", calls["dense"] + 1), dense(*a))[1])
+    for i, (length, block) in enumerate(AXIAL_FAST):
+        q, k, v = rand_qkv(2, 2, length, d=6, dv=dv, seed=i)
+        kw = {"mode": "axial", "block_size": block, "is_causal": causal, "pooling": pooling, "count_correction": correction,
+              "scale": 0.7, "return_lse": True}
+        out, lse = ops.combiner_attention(q, k, v, backend="blocked", **kw)
+        ref, lse_ref = ops.combiner_attention(q, k, v, backend="reference", **kw)
+        torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
+        torch.testing.assert_close(lse, lse_ref, **tol(F64, "fwd"))
+        g = torch.Generator().manual_seed(i)
+        g_out, g_lse = torch.randn(out.shape, generator=g, dtype=F64), torch.randn(lse.shape, generator=g, dtype=F64)
+        g_out[:, :, : length // 2] = 0  # rows whose only gradient is the log-sum-exp's (the extra-column fallback)
+        got = torch.autograd.grad((out, lse), (q, k, v), (g_out, g_lse))
+        want = torch.autograd.grad((ref, lse_ref), (q, k, v), (g_out, g_lse))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol(F64, "bwd"))
+    assert calls["fn" if dv == 6 else "dense"] == len(AXIAL_FAST) and calls["fn" if dv == 5 else "dense"] == 0
+
+
+def test_axial_fast_path_matches_the_loop_oracle(tol):
+    q, k, v = rand_qkv(1, 1, 20, d=4, dv=4, seed=3)
+    for causal in (False, True):
+        out = ops.combiner_attention(q, k, v, mode="axial", block_size=5, is_causal=causal, scale=0.8)
+        want, _ = brute_combiner(q[0, 0].detach(), k[0, 0].detach(), v[0, 0].detach(), "axial", 5, causal,
+                                 torch.ones(20, dtype=torch.bool), 0.8)
+        torch.testing.assert_close(out[0, 0].detach(), want, **tol(F64, "fwd"))
+
+
+def test_axial_fast_path_float32():
+    q, k, v = rand_qkv(1, 2, 64, d=16, dv=16, dtype=torch.float32)
+    for causal in (False, True):
+        out = ops.combiner_attention(q, k, v, mode="axial", is_causal=causal)
+        ref = ops.combiner_attention(q, k, v, mode="axial", is_causal=causal, backend="reference")
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        got = torch.autograd.grad(out.square().sum(), (q, k, v))
+        want = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

@@ -333,6 +333,142 @@ def _axial(q, k, v, valid, s, is_causal, scale, correction, pooling, masked):
     )
 
 
+def _pool_matrix(n: int, is_causal: bool, pooling: str, dtype, device) -> Tensor:
+    """Pooling weights of the column regions, ``(m n, n)`` (m = 1 causal, 2 bidirectional): row ``r`` of block
+    ``a`` averages (``"mean"``) or sums (``"sum"``) the rows before (``a = 0``) / after (``a = 1``) row ``r``."""
+    r = torch.arange(n, device=device)
+    parts = [r.view(1, -1) < r.view(-1, 1)] + ([] if is_causal else [r.view(1, -1) > r.view(-1, 1)])  # (n, n) each
+    w = torch.cat(parts).to(dtype)  # (m n, n)
+    return w / w.sum(-1, keepdim=True).clamp(min=1) if pooling == "mean" else w
+
+
+def _axial_dense(q, k, v, s, is_causal, scale, correction, pooling):
+    # Unmasked axial with L = n s, mean or sum pooling: two fused attentions merged by their log-sum-exps.
+    # (1) Per column, one call for the column's queries (keys: its other rows; causal: earlier rows) and the
+    #     pooling queries of its regions (keys: the region's rows), whose outputs are the pooled values v_bar.
+    # (2) Per row, one call over the row's own keys and the summary keys of the other columns, with the
+    #     log-count term and the "other column" rule in one additive mask shared by every (batch, head).
+    # An empty key set (row 0 of a column, an empty region) gets key 0 in the kernel and is dropped after:
+    # its log-sum-exp is set to -inf (column) or its summary key gets -inf (region).
+    b, h, length, _ = q.shape
+    dv, n, bh = v.shape[-1], length // s, b * h
+    m = 1 if is_causal else 2
+    dev, dt = q.device, q.dtype
+    qg, kg, vg = (t.reshape(bh, n, s, t.shape[-1]) for t in (q, k, v))  # (BH, n rows, s cols, *)
+    kc, vc = (t.transpose(1, 2).contiguous() for t in (kg, vg))  # (BH, s cols, n rows, *)
+    qc = qg.transpose(1, 2)  # (BH, s, n, D) view
+    w = _pool_matrix(n, is_causal, pooling, dt, dev)  # (m n, n)
+    q_col = torch.cat([qc, torch.matmul(w, qc)], dim=2)  # (BH, s, (1 + m) n, D): column queries, pooling queries
+    k_bar = torch.matmul(w, kc)  # (BH, s, m n, D) summary keys by (column, region)
+    col_mask, col_empty, row_mask = _axial_masks(n, s, is_causal, correction, dt, dev)
+    out_c, _, lse_c = _dense_sdpa(q_col, kc, vc, mask=None, bias=col_mask, scale=scale, is_causal=False,
+                                  need_weights=False, need_lse=True)  # (BH, s, (1 + m) n, *)
+    v_bar = out_c[:, :, n:]  # (BH, s, m n, Dv)
+    out_c, lse_c = out_c[:, :, :n].transpose(1, 2), lse_c[:, :, :n].transpose(1, 2)  # (BH, n, s, *) row layout
+    lse_c = lse_c.masked_fill(col_empty.view(n, 1), float("-inf"))  # a query with no column key
+    # (2) keys of row r: its own s keys, then the summaries (a, c') of every column c' (a: earlier / later rows)
+    k_row, v_row = torch.cat([kg, _to_rows(k_bar, m, n)], dim=2), torch.cat([vg, _to_rows(v_bar, m, n)], dim=2)
+    out_r, _, lse_r = _dense_sdpa(qg, k_row, v_row, mask=None, bias=row_mask, scale=scale, is_causal=False,
+                                  need_weights=False, need_lse=True)  # (BH, n, s, *)
+    out, lse = merge_attention([out_r, out_c], [lse_r, lse_c])
+    return out.reshape(b, h, length, dv), lse.reshape(b, h, length)
+
+
+def _to_rows(t: Tensor, m: int, n: int) -> Tensor:
+    """Summaries by (column, region) ``(BH, s, m n, C)`` -> by row ``(BH, n, m s, C)`` (region ``a`` of column ``c'``
+    at ``a s + c'``)."""
+    bh, s, _, c = t.shape
+    return t.unflatten(2, (m, n)).permute(0, 3, 2, 1, 4).reshape(bh, n, m * s, c)
+
+
+def _to_columns(t: Tensor, m: int, s: int) -> Tensor:
+    """Inverse of :func:`_to_rows`: ``(BH, n, m s, C)`` -> ``(BH, s, m n, C)``."""
+    bh, n, _, c = t.shape
+    return t.unflatten(2, (m, s)).permute(0, 3, 2, 1, 4).reshape(bh, s, m * n, c)
+
+
+class _AxialCPU(torch.autograd.Function):
+    """:func:`_axial_dense` with one hand-written backward (CPU flash kernels, ``D == Dv``, fp32 / fp64).
+
+    Backward of the log-sum-exp merge: the joint softmax over both key sets has ``dS = P (dO V^T - Δ + g_lse)``
+    with ``Δ = dO . out`` of the *merged* output; each part's kernel recomputes its local ``P`` from its own
+    log-sum-exp, so it is called with ``dO_part = w_part dO`` and the merged output (``w_part`` its merge
+    weight): its ``Δ`` is then ``w_part (Δ - g_lse)``, the joint gradient. The column call's pooling rows get
+    the gradient of the pooled values from the row call, with their own output.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, s, is_causal, scale, correction, pooling):
+        from attnfuse.ops._sdpa_lse import _cpu_forward
+        b, h, length, d = q.shape
+        n, bh, m = length // s, b * h, 1 if is_causal else 2
+        qg, kg, vg = (t.reshape(bh, n, s, d) for t in (q, k, v))  # (BH, n, s, D)
+        kc, vc = (t.transpose(1, 2).contiguous() for t in (kg, vg))  # (BH, s, n, D)
+        qc = qg.transpose(1, 2)
+        w = _pool_matrix(n, is_causal, pooling, q.dtype, q.device)  # (m n, n)
+        q_col = torch.cat([qc, torch.matmul(w, qc)], dim=2)  # (BH, s, (1 + m) n, D)
+        col_mask, col_empty, row_mask = _axial_masks(n, s, is_causal, correction, q.dtype, q.device)
+        out_c, lse_c = _cpu_forward(q_col, kc, vc, col_mask, scale, False)  # (BH, s, (1 + m) n, *)
+        v_bar = out_c[:, :, n:]  # (BH, s, m n, D)
+        k_row = torch.cat([kg, _to_rows(torch.matmul(w, kc), m, n)], dim=2)  # (BH, n, s + m s, D)
+        v_row = torch.cat([vg, _to_rows(v_bar, m, n)], dim=2)
+        qg = qg.contiguous()
+        out_r, lse_r = _cpu_forward(qg, k_row, v_row, row_mask, scale, False)  # (BH, n, s, *)
+        lse_col = lse_c[:, :, :n].transpose(1, 2).masked_fill(col_empty.view(n, 1), float("-inf"))  # (BH, n, s)
+        lse = torch.logaddexp(lse_r, lse_col)  # lse_r is finite: every query has itself
+        w_r, w_c = (lse_r - lse).exp(), (lse_col - lse).exp()  # merge weights (BH, n, s)
+        out = torch.addcmul(out_r * w_r.unsqueeze(-1), out_c[:, :, :n].transpose(1, 2), w_c.unsqueeze(-1))  # (BH, n, s, D)
+        ctx.save_for_backward(qg, k_row, v_row, q_col, kc, vc, out_c, lse_c, lse_r, w_r, w_c, out, w, col_mask, row_mask)
+        ctx.meta = (b, h, length, d, n, s, m, scale)
+        return out.reshape(b, h, length, d), lse.reshape(b, h, length).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, g, g_lse):
+        from attnfuse.ops._sdpa_lse import _cpu_backward
+        qg, k_row, v_row, q_col, kc, vc, out_c, lse_c, lse_r, w_r, w_c, out, w, col_mask, row_mask = ctx.saved_tensors
+        b, h, length, d, n, s, m, scale = ctx.meta
+        bh = b * h
+        g = torch.zeros_like(out) if g is None else g.reshape(bh, n, s, d).to(out.dtype)
+        g_lse = None if g_lse is None else g_lse.reshape(bh, n, s).to(out.dtype)
+        dq_r, dk_row, dv_row = _cpu_backward(g * w_r.unsqueeze(-1), None if g_lse is None else g_lse * w_r,
+                                             qg, k_row, v_row, out, lse_r, row_mask, scale, False)  # (BH, n, *, D)
+        dk_bar, dv_bar = _to_columns(dk_row[:, :, s:], m, s), _to_columns(dv_row[:, :, s:], m, s)  # (BH, s, m n, D)
+        d_col = torch.cat([(g * w_c.unsqueeze(-1)).transpose(1, 2), dv_bar], dim=2)  # (BH, s, (1 + m) n, D)
+        o_col = torch.cat([out.transpose(1, 2), out_c[:, :, n:]], dim=2)
+        lse_g = None
+        if g_lse is not None:
+            lse_g = torch.cat([(g_lse * w_c).transpose(1, 2), g_lse.new_zeros(bh, s, m * n)], dim=2)
+        dq_col, dkc, dvc = _cpu_backward(d_col, lse_g, q_col, kc, vc, o_col, lse_c, col_mask, scale, False)
+        wt = w.t()  # (n, m n)
+        dq = dq_r + (dq_col[:, :, :n] + torch.matmul(wt, dq_col[:, :, n:])).transpose(1, 2)  # (BH, n, s, D)
+        dk = dk_row[:, :, :s] + (dkc + torch.matmul(wt, dk_bar)).transpose(1, 2)
+        dv = dv_row[:, :, :s] + dvc.transpose(1, 2)
+        shape = (b, h, length, d)
+        return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape), None, None, None, None, None
+
+
+def _axial_masks(n, s, is_causal, correction, dtype, device):
+    """Additive masks of :func:`_axial_dense`: column call ``(1, 1, (1 + m) n, n)``, which column queries have
+    no column key ``(n,)``, row call ``(1, n, s, s + m s)``."""
+    m, ninf = (1 if is_causal else 2), float("-inf")
+    r = torch.arange(n, device=device)
+    earlier = r.view(1, -1) < r.view(-1, 1)  # (n, n) key row < query row
+    sets = [earlier if is_causal else r.view(1, -1) != r.view(-1, 1), earlier] + ([] if is_causal else [r.view(1, -1) > r.view(-1, 1)])
+    allowed = torch.cat(sets)  # ((1 + m) n, n)
+    allowed[:, 0] |= ~allowed.any(-1)  # empty set: key 0 stands in (dropped by the caller)
+    col_mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, ninf).view(1, 1, -1, n)
+    count = torch.stack([r, n - 1 - r][:m]).to(dtype)  # (m, n) rows before / after row r
+    log_count = count.clamp(min=1).log() if correction else torch.zeros_like(count)
+    log_count = log_count.masked_fill(count == 0, ninf).t()  # (n, m)
+    other = ~torch.eye(s, dtype=torch.bool, device=device)  # (s, s) query column c, summary column c'
+    summary = torch.where(other.view(1, s, 1, s), log_count.view(n, 1, m, 1), ninf).reshape(n, s, m * s)
+    own = torch.zeros(s, s, dtype=dtype, device=device)
+    if is_causal:
+        own = own.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=device).tril(), ninf)
+    row_mask = torch.cat([own.expand(n, s, s), summary], dim=-1).unsqueeze(0)  # (1, n, s, s + m s)
+    return col_mask, ~sets[0].any(-1), row_mask
+
+
 def _partner(t: Tensor) -> Tensor:
     """Swap adjacent blocks along axis 2 (block ``u`` -> block ``u ^ 1``); the axis length is even."""
     return t.unflatten(2, (t.shape[2] // 2, 2)).flip(3).flatten(2, 3)
@@ -424,8 +560,15 @@ def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, po
         if pad:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, Lp, *)
             valid = torch.nn.functional.pad(valid, (0, pad), value=False)
-        fn = _fixed if mode == "fixed" else _axial
-        out, lse = fn(q, k, v, valid, block, is_causal, scale, correction, pooling, masked or pad > 0)
+        if mode == "axial" and not (masked or pad) and pooling != "max":
+            if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and q.shape[-1] == v.shape[-1]
+                    and not torch.compiler.is_compiling()):
+                out, lse = _AxialCPU.apply(q, k, v, block, is_causal, scale, correction, pooling)
+            else:
+                out, lse = _axial_dense(q, k, v, block, is_causal, scale, correction, pooling)
+        else:
+            fn = _fixed if mode == "fixed" else _axial
+            out, lse = fn(q, k, v, valid, block, is_causal, scale, correction, pooling, masked or pad > 0)
         out, lse = out[:, :, :length], lse[:, :, :length]
     return out.to(dtype), None, lse.to(dtype)
 
