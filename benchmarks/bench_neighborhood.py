@@ -32,6 +32,11 @@ dense SDPA's slowdown (target <= 1.5), ``flex_ratio`` = flex ms / tiled ms in th
 Waste at k=13 (issue 13, item 10; section ``k13``): useful rate share of dense SDPA for NA k=13
 (stride 1) with the default tiles and smaller ones, and for the strided forms of Generalized
 Neighborhood Attention, whose tiles can be exact (stride = kernel: sliding-tile / blocked attention).
+``rate_share`` from the fastest calls, ``rate_share_med`` from the medians. ``gather`` rows are the
+tiled backend's previous layout (``TiledOptions(layout="gather")``: key regions copied with
+``index_select``); ``strided`` rows (now ``auto``) read key regions as overlapping strided views.
+In the main table ``gather+pool`` is ``auto`` before the strided layout, ``tiled 1-call`` the
+gather layout without the pool.
 
 Run: ``python -m benchmarks.bench_neighborhood [--quick] [--section table|load|k13]`` or
 ``python -m benchmarks.run --only neighborhood``.
@@ -89,12 +94,14 @@ def _na(backend: str, kernel: int) -> Callable:
     return attn
 
 
-def _tiled_one_call(kernel) -> Callable:
-    """The tiled backend as one call with the caller's intra-op threads (the path before the worker pool)."""
+def _tiled_one_call(kernel, workers: int | str = 1) -> Callable:
+    """The tiled backend's gather layout: ``workers=1`` is one call with the caller's intra-op threads
+    (the path before the worker pool), ``"auto"`` the pool (``auto`` before the strided layout)."""
 
     def attn(q, k, v):
         geom = make_geometry(q.shape[2:-1], kernel)
-        return tiled_neighborhood(q, k, v, geom, scale=q.shape[-1] ** -0.5, options=TiledOptions(workers=1))[0]
+        opts = TiledOptions(workers=workers, layout="gather")
+        return tiled_neighborhood(q, k, v, geom, scale=q.shape[-1] ** -0.5, options=opts)[0]
 
     return attn
 
@@ -154,6 +161,7 @@ def _table(quick: bool, dev: torch.device) -> list[dict]:
             fns = {"auto": make(_na("auto", kernel), q, k, v, *extra), "dense sdpa": make(_dense, q, k, v, *extra)}
             if pass_name == "fwd":
                 fns["tiled 1-call"] = make(_tiled_one_call(kernel), q, k, v)
+                fns["gather+pool"] = make(_tiled_one_call(kernel, "auto"), q, k, v)
             if gathered * (1 if pass_name == "fwd" else 2) <= NAIVE_LIMIT_BYTES:
                 fns["naive"] = make(_na("reference", kernel), q, k, v, *extra)
             if pass_name == "fwd" or dev.type == "cuda":
@@ -249,16 +257,19 @@ def _k13(quick: bool, dev: torch.device) -> list[dict]:
     q, k, v = (torch.randn(b, h, *grid, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
     scale = d ** -0.5
 
-    def tiled(kernel, stride=1, tile=None, workers="auto"):
+    def tiled(kernel, stride=1, tile=None, workers="auto", layout="auto"):
         geom = make_geometry(grid, kernel, stride=stride)
-        opts = TiledOptions(tile=tile, workers=workers)
+        opts = TiledOptions(tile=tile, workers=workers, layout=layout)
         return lambda: tiled_neighborhood(q, k, v, geom, scale=scale, options=opts)[0]
 
     variants = {
-        "NA k=13 (tiled 1-call, before)": (tiled(13, workers=1), 13, 1),
-        "NA k=13 (auto)": (tiled(13), 13, 1),
-        "NA k=13 tile 4x16": (tiled(13, tile=(4, 16)), 13, 1),
-        "NA k=13 tile 8x8": (tiled(13, tile=(8, 8)), 13, 1),
+        "NA k=13 gather, 1-call (before pool)": (tiled(13, workers=1, layout="gather"), 13, 1),
+        "NA k=13 gather+pool 8x16 (before)": (tiled(13, layout="gather"), 13, 1),
+        "NA k=13 gather+pool 8x8": (tiled(13, tile=(8, 8), layout="gather"), 13, 1),
+        "NA k=13 (auto: strided 2x8)": (tiled(13), 13, 1),
+        "NA k=13 strided 1x16": (tiled(13, tile=(1, 16)), 13, 1),
+        "NA k=13 strided 4x8": (tiled(13, tile=(4, 8)), 13, 1),
+        "NA k=13 strided 1-call": (tiled(13, workers=1), 13, 1),
         "GNA k=13 stride 4": (tiled(13, stride=4, tile=(8, 16)), 13, 4),
         "GNA k=13 stride 13 (sliding tile)": (tiled(13, stride=13, tile=(13, 13)), 13, 13),
     }
@@ -266,13 +277,16 @@ def _k13(quick: bool, dev: torch.device) -> list[dict]:
     fns["dense sdpa"] = _fwd(_dense, q, k, v)
     timings = time_interleaved(fns, device=dev, warmup=1, repeat=3 if quick else 7)
     dense_rate = 4 * d * h * b * n * n / (timings["dense sdpa"]["min_ms"] * 1e-3) / 1e9
+    dense_rate_med = 4 * d * h * b * n * n / (timings["dense sdpa"]["ms"] * 1e-3) / 1e9
     records = []
     for name, t in timings.items():
         pairs = n * n if name == "dense sdpa" else n * 13 ** len(grid)  # every query sees k^2 keys (shift border)
         rate = 4 * d * h * b * pairs / (t["min_ms"] * 1e-3) / 1e9
+        rate_med = 4 * d * h * b * pairs / (t["ms"] * 1e-3) / 1e9
         records.append(record(
             op="neighborhood", backend=name, variant="k=13", shape=(b, h, *grid, d), dtype=dtype, device=dev, ms=t["ms"],
-            min_ms=t["min_ms"], gflops=rate, rate_share=rate / dense_rate, **{"pass": "fwd"},
+            min_ms=t["min_ms"], gflops=rate, rate_share=rate / dense_rate, rate_share_med=rate_med / dense_rate_med,
+            **{"pass": "fwd"},
         ))
     return records
 
@@ -286,4 +300,4 @@ if __name__ == "__main__":
     sections = tuple(args.section or ("table", "load", "k13"))
     report("neighborhood", main(quick=args.quick, device=args.device, sections=sections),
            columns=("backend", "variant", "pass", "shape", "ms", "min_ms", "gflops", "ratio", "ratio_min", "auto_rate_share",
-                    "compile_s", "slowdown", "vs_dense", "flex_ratio", "flex_ratio_min", "rate_share"))
+                    "compile_s", "slowdown", "vs_dense", "flex_ratio", "flex_ratio_min", "rate_share", "rate_share_med"))
