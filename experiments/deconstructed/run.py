@@ -13,16 +13,16 @@ Protocol:
    map to one unknown symbol.
 2. **Model**: pre-LN character LM: token + learned absolute position embeddings, :class:`attnfuse.nn.DeconstructedEncoder`
    (causal), linear head; ``d = 64``, 4 layers, 4 heads, MLP 4x, context 64 (the spec: 128).
-3. **Training**: AdamW lr 3e-3 one-cycle, weight decay 0.1, batch 16, 400 steps (the spec: lr 2e-3, batch 32,
-   1,000 steps; cut to fit the shared machine, with a higher peak rate to learn faster), gradient clip 1.0; random
-   windows of the training part (seeded).
+3. **Training**: AdamW lr 3e-3 one-cycle, weight decay 0.1, batch 16, 1,000 steps (the spec: lr 2e-3, batch 32;
+   a quarter of the spec's tokens per step to fit the shared machine), gradient clip 1.0; random windows of the
+   training part (seeded).
 4. **Evaluation**: validation bits per character over 20 fixed random batches of 16 windows, averaged over all
    positions. Uniform = every layer the variant; hybrid = layers 1, 3 the variant, 2, 4 standard; skip = the
    trained hybrid evaluated with its layer-1/3 mixing sublayers removed (evaluation-time skip). FixedSeqQK's fixed
    text is the first ``context`` training characters (embedded by the model's own embeddings); RndEmbQK's ``eps ~ N(0, 1)``
    is frozen. References: unigram and add-0.1 bigram bits per character from the training counts.
 
-Mean ± std over seeds 0, 1 (the spec asks for 3; the seed sets the initialisation, ``eps`` and the training
+Mean ± std over seeds 0, 1, 2 (the seed sets the initialisation, ``eps`` and the training
 windows; validation batches fixed).
 """
 
@@ -58,14 +58,14 @@ LN2 = math.log(2)
 class LMConfig:
     """Settings of the experiment (defaults = the documented run)."""
 
-    seeds: Sequence[int] = (0, 1)
+    seeds: Sequence[int] = (0, 1, 2)
     variants: Sequence[str] = VARIANTS
     chars: int = 2_000_000
     dim: int = 64
     depth: int = 4
     heads: int = 4
     context: int = 64
-    steps: int = 400
+    steps: int = 1000
     batch: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -258,16 +258,16 @@ def format_report(res: dict, cfg: LMConfig, command: str, seconds: float) -> str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=1, help="processes training the models (numbers do not change)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite the README's Results")
     parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
     cfg = LMConfig(seeds=tuple(args.seeds), steps=args.steps, variants=tuple(args.variants))
-    command = COMMAND + ("" if list(args.seeds) == [0, 1] else " --seeds " + " ".join(map(str, args.seeds)))
-    command += "" if args.steps == 400 else f" --steps {args.steps}"
+    command = COMMAND + ("" if list(args.seeds) == [0, 1, 2] else " --seeds " + " ".join(map(str, args.seeds)))
+    command += "" if args.steps == 1000 else f" --steps {args.steps}"
     command += "" if args.workers == 1 else f" --workers {args.workers}"
     command += "" if list(args.variants) == list(VARIANTS) else " --variants " + " ".join(args.variants)
     t0 = time.perf_counter()
