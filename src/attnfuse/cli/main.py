@@ -75,8 +75,8 @@ def _list(_: argparse.Namespace) -> int:
     for name in sorted(core["operator"]):
         print(f"  {name:<16} backends: {', '.join(list_backends(name)) or '(single implementation)'}")
     for name, cls in sorted(core["sequence-parallel operator"].items()):  # attnfuse.distributed: not in OPERATORS
-        print(f"  {name:<16} sequence-parallel ({cls.__name__}; nn.Attention(op=NAME, group=...)); "
-              "local without a process group")
+        head = f"  {name:<16} "
+        print(head + _summary(f"sequence-parallel ({cls.__name__}, group=...); local without a process group", width - len(head)))
     print("fusions (model.fusion: NAME in a fit config):")
     for name, cls in sorted(core["fusion"].items()):
         print(f"  {name:<16} {cls.__name__} (symmetry: {cls.symmetry}, parameters: {cls.has_parameters})")
