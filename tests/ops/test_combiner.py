@@ -363,3 +363,55 @@ def test_axial_fast_path_float32():
         want = torch.autograd.grad(ref.square().sum(), (q, k, v))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+# ---- unmasked logsparse fast path (issue 13, item 7): L a power of two, queries in groups, one fused call ----
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize(("pooling", "correction"), [("mean", True), ("max", False), ("sum", False), ("mean", False)])
+@pytest.mark.parametrize("group", [4, 32])  # 4: coarse levels (one summary per group) already at L = 16, 64
+def test_logsparse_fast_path_matches_reference_with_lse_gradients(tol, monkeypatch, causal, pooling, correction, group):
+    from attnfuse.ops import combiner as mod
+    monkeypatch.setattr(mod, "_LOGSPARSE_GROUP", group)
+    calls = []
+    fast = mod._logsparse_dense
+    monkeypatch.setattr(mod, "_logsparse_dense", lambda *a: (calls.append(1), fast(*a))[1])
+    lengths = [2, 4, 16, 64]
+    for i, length in enumerate(lengths):
+        q, k, v = rand_qkv(2, 2, length, seed=10 + i)
+        kw = {"mode": "logsparse", "is_causal": causal, "pooling": pooling, "count_correction": correction, "scale": 0.7,
+              "return_lse": True}
+        out, lse = ops.combiner_attention(q, k, v, backend="blocked", **kw)
+        ref, lse_ref = ops.combiner_attention(q, k, v, backend="reference", **kw)
+        torch.testing.assert_close(out, ref, **tol(F64, "fwd"))
+        torch.testing.assert_close(lse, lse_ref, **tol(F64, "fwd"))
+        g = torch.Generator().manual_seed(i)
+        g_out, g_lse = torch.randn(out.shape, generator=g, dtype=F64), torch.randn(lse.shape, generator=g, dtype=F64)
+        got = torch.autograd.grad((out, lse), (q, k, v), (g_out, g_lse))
+        want = torch.autograd.grad((ref, lse_ref), (q, k, v), (g_out, g_lse))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol(F64, "bwd"))
+    assert len(calls) == len(lengths)
+    q, k, v = rand_qkv(1, 1, 12)  # not a power of two: the general path
+    ops.combiner_attention(q, k, v, mode="logsparse")
+    assert len(calls) == len(lengths)
+
+
+def test_logsparse_fast_path_matches_the_loop_oracle(tol):
+    q, k, v = rand_qkv(1, 1, 64, d=4, dv=3, seed=4)
+    for causal in (False, True):
+        out = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal, scale=0.8)
+        want, _ = brute_combiner(q[0, 0].detach(), k[0, 0].detach(), v[0, 0].detach(), "logsparse", None, causal,
+                                 torch.ones(64, dtype=torch.bool), 0.8)
+        torch.testing.assert_close(out[0, 0].detach(), want, **tol(F64, "fwd"))
+
+
+def test_logsparse_fast_path_float32():
+    q, k, v = rand_qkv(1, 2, 128, d=16, dv=16, dtype=torch.float32)
+    for causal in (False, True):
+        out = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal)
+        ref = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal, backend="reference")
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        got = torch.autograd.grad(out.square().sum(), (q, k, v))
+        want = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

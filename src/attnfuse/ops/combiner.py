@@ -547,6 +547,101 @@ def _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked):
     return out[:, :, :length], lse
 
 
+_LOGSPARSE_GROUP = 32  # queries per group of the fused logsparse path (a power of two)
+
+
+def _logsparse_masks(length: int, group: int, is_causal: bool, correction: bool, dtype, device) -> tuple[Tensor, Tensor]:
+    """Additive masks of :func:`_logsparse_dense` for ``L = 2^levels`` positions in groups of ``S = group``.
+
+    Returns the main call's ``(1, G, S, K)`` mask (``K = 2 S - 2 + levels - a``, ``S = 2^a``: the group's
+    tokens, its level-1..a-1 summaries, one summary per coarser level) and the in-group pooling mask
+    ``(1, 1, S - 1, S)`` (levels 1..a, block-membership).
+    """
+    levels, a = _levels(length), _levels(group)
+    n_groups, ninf = length // group, float("-inf")
+    p = torch.arange(group, device=device)  # query position in its group
+    parts, cols = [], []
+    for level in range(a):  # fine levels: level 0 = the tokens themselves (the query and its partner)
+        blocks = torch.arange(group >> level, device=device)
+        up = p >> level
+        ok = blocks.view(1, -1) == (up ^ 1).view(-1, 1)  # (S, S >> l) the partner block
+        if is_causal:
+            ok = ok & (up & 1 == 1).view(-1, 1)
+        if level == 0:
+            ok = ok | (blocks.view(1, -1) == p.view(-1, 1))  # the query itself
+        bias = level * math.log(2.0) if correction else 0.0
+        parts.append(torch.full(ok.shape, bias, dtype=dtype, device=device).masked_fill(~ok, ninf))
+    fine = torch.cat(parts, dim=-1).expand(n_groups, group, -1)  # (G, S, 2 S - 2)
+    g = torch.arange(n_groups, device=device)
+    for level in range(a, levels):  # coarse levels: one summary per group (its block's partner block)
+        ok = (g >> (level - a)) & 1 == 1 if is_causal else torch.ones_like(g, dtype=torch.bool)
+        bias = level * math.log(2.0) if correction else 0.0
+        cols.append(torch.full(ok.shape, bias, dtype=dtype, device=device).masked_fill(~ok, ninf))  # (G,)
+    coarse = torch.stack(cols, -1).unsqueeze(1).expand(n_groups, group, -1) if cols else fine[..., :0]
+    main = torch.cat([fine, coarse], dim=-1).unsqueeze(0)  # (1, G, S, K)
+    member = torch.cat([(p >> level).view(1, -1) == torch.arange(group >> level, device=device).view(-1, 1)
+                        for level in range(1, a + 1)])  # (S - 1, S)
+    pool = torch.zeros((), dtype=dtype, device=device).masked_fill(~member, ninf).view(1, 1, group - 1, group)
+    return main, pool
+
+
+def _logsparse_dense(q, k, v, is_causal, scale, correction, pooling):
+    # Unmasked logsparse with L = 2^levels: queries in groups of S = 2^a. Inside a group, levels < a use
+    # summaries of blocks inside the group (the same for every group); levels >= a use one summary per
+    # group. So one fused attention over [the group's tokens, its fine summaries, its coarse summaries]
+    # with an additive mask (partner rule, causal rule, log-count) shared by every (batch, head) gives
+    # the output and the log-sum-exp. Pooled values: one masked call per group for levels 1..a, one
+    # call per coarser level (a query per block over the block's keys).
+    b, h, length, d = q.shape
+    dv, bh = v.shape[-1], b * h
+    levels = _levels(length)
+    group = min(_LOGSPARSE_GROUP, length)
+    a, n_groups = _levels(group), length // group
+    qf, kf, vf = (t.reshape(bh, length, t.shape[-1]) for t in (q, k, v))  # (BH, L, *)
+    q_bars, k_bars = [qf], [kf]  # level l: (BH, L >> l, D)
+    q_pool, k_pool = qf, kf
+    for level in range(1, levels):
+        q_pool, k_pool = (t.unflatten(1, (t.shape[1] // 2, 2)) for t in (q_pool, k_pool))  # (BH, n, 2, D)
+        q_pool, k_pool = (t.amax(2) if pooling == "max" else t.sum(2) for t in (q_pool, k_pool))
+        div = float(2**level) if pooling == "mean" else 1.0
+        q_bars.append(q_pool / div if div != 1.0 else q_pool)
+        k_bars.append(k_pool / div if div != 1.0 else k_pool)
+    main_mask, pool_mask = _logsparse_masks(length, group, is_causal, correction, q.dtype, q.device)
+    qg, kg, vg = (t.view(bh, n_groups, group, t.shape[-1]) for t in (qf, kf, vf))  # (BH, G, S, *)
+    # attention pooling, one call: per group the queries of its level-1..a blocks (keys: their members in the
+    # group) and of the coarser blocks containing it (keys: the whole group; merged across the block's groups
+    # by their log-sum-exps below)
+    g = torch.arange(n_groups, device=q.device)
+    top = min(a, levels - 1)
+    pool_q = [q_bars[level].reshape(bh, n_groups, group >> level, d) for level in range(1, top + 1)]
+    n_fine = sum(t.shape[2] for t in pool_q)
+    pool_q += [q_bars[level].index_select(1, g >> (level - a)).unsqueeze(2) for level in range(a + 1, levels)]
+    v_fine, v_coarse = [], {}
+    if pool_q:
+        n_coarse = len(pool_q) - top
+        mask = torch.cat([pool_mask[0, 0, :n_fine], pool_mask.new_zeros(n_coarse, group)]).view(1, 1, -1, group)
+        pooled, _, p_lse = _dense_sdpa(torch.cat(pool_q, dim=2), kg, vg, mask=None, bias=mask, scale=scale, is_causal=False,
+                                       need_weights=False, need_lse=True)  # (BH, G, n_q, *)
+        v_fine = list(pooled[:, :, :n_fine].split([t.shape[2] for t in pool_q[:top]], dim=2))  # level l: (BH, G, S >> l, Dv)
+        for i, level in enumerate(range(a + 1, levels)):
+            span = 2 ** (level - a)  # groups per block
+            part = pooled[:, :, n_fine + i].unflatten(1, (n_groups // span, span))  # (BH, n, span, Dv)
+            w = torch.softmax(p_lse[:, :, n_fine + i].unflatten(1, (n_groups // span, span)), dim=-1)  # (BH, n, span)
+            v_coarse[level] = (w.unsqueeze(-1) * part).sum(2)  # (BH, n, Dv)
+    keys, values = [kg], [vg]
+    for level in range(1, a):
+        keys.append(k_bars[level].reshape(bh, n_groups, group >> level, d))
+        values.append(v_fine[level - 1])
+    for level in range(a, levels):  # one summary per group: its level-l block's partner
+        v_bar = v_fine[a - 1].reshape(bh, length >> level, dv) if level == a else v_coarse[level]  # (BH, n, Dv)
+        partner = (g >> (level - a)) ^ 1  # (G,)
+        keys.append(k_bars[level].index_select(1, partner).unsqueeze(2))  # (BH, G, 1, D)
+        values.append(v_bar.index_select(1, partner).unsqueeze(2))
+    out, _, lse = _dense_sdpa(qg, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask=None, bias=main_mask,
+                              scale=scale, is_causal=False, need_weights=False, need_lse=True)  # (BH, G, S, *)
+    return out.reshape(b, h, length, dv), lse.reshape(b, h, length)
+
+
 def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, pooling, need_weights):
     dtype, compute = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
@@ -554,7 +649,10 @@ def _blocked(q, k, v, *, mode, block, is_causal, key_mask, scale, correction, po
     valid = _key_valid(key_mask, length, q.device)  # (B', H', L)
     masked = key_mask is not None
     if mode == "logsparse":
-        out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked)
+        if not masked and length >= 2 and length & (length - 1) == 0:  # unmasked, L a power of two
+            out, lse = _logsparse_dense(q, k, v, is_causal, scale, correction, pooling)
+        else:
+            out, lse = _logsparse(q, k, v, valid, is_causal, scale, correction, pooling, masked)
     else:
         pad = ceil_div(length, block) * block - length
         if pad:
