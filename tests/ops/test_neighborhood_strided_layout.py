@@ -63,6 +63,17 @@ def test_strided_layout_in_inference_mode_and_fp32():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strided_layout_under_no_grad_with_inputs_that_require_grad(workers):
+    q, k, v = (x.requires_grad_(True) for x in qkv((11, 12)))
+    geom = make_geometry((11, 12), 5)
+    with torch.no_grad():
+        got = tiled_neighborhood(q, k, v, geom, scale=0.3, options=TiledOptions(workers=workers, min_pool_work=0))[0]
+        want = NA(q, k, v, 5, scale=0.3, backend="reference")
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_auto_layout_uses_views_only_where_it_applies(monkeypatch):
     calls = []
     real = tiled_mod._strided_forward

@@ -357,7 +357,7 @@ def _strided_forward(
 
     def item(job: tuple[int, int, int, int, int]) -> None:
         i, t0, t1, y0, step = job
-        with torch.no_grad(), torch.inference_mode(inference):
+        with torch.inference_mode() if inference else torch.no_grad():  # inference_mode(False) would enable grad
             res = F.scaled_dot_product_attention(
                 q_tiles[i][:, t0:t1], view(kt, i, y0, step, t1 - t0), view(vt, i, y0, step, t1 - t0),
                 attn_mask=plan.mask[i, t0:t1][None], scale=scale,
