@@ -63,6 +63,23 @@ def test_strided_layout_in_inference_mode_and_fp32():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grid", [(29,), (9, 11)])
+@pytest.mark.parametrize("form", ["heads_last", "sliced"])
+def test_strided_layout_with_non_contiguous_inputs(grid, form):
+    # heads-last projections viewed as (1, H, *grid, D), or a slice of D: the views must not assume contiguous storage
+    g = torch.Generator().manual_seed(4)
+    if form == "heads_last":
+        q, k, v = (torch.randn(1, *grid, 3, 8, generator=g, dtype=F64).movedim(-2, 1) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(2, 3, *grid, 8, generator=g, dtype=F64)[..., 1:7] for _ in range(3))
+    assert not k.is_contiguous()
+    geom = make_geometry(grid, 5)
+    with torch.no_grad():
+        got = tiled_neighborhood(q, k, v, geom, scale=0.3, options=TiledOptions(layout="strided"))[0]
+    want = NA(q, k, v, 5, scale=0.3, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_strided_layout_under_no_grad_with_inputs_that_require_grad(workers):
     q, k, v = (x.requires_grad_(True) for x in qkv((11, 12)))

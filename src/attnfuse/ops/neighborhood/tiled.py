@@ -329,7 +329,7 @@ def _strided_forward(
     def regions(x: Tensor) -> Tensor:  # (ntx, BH, ny, rx, C), contiguous
         x = x.reshape(bh, ny, nx, -1)
         if ntx == 1 and rx == nx:
-            return x[None]
+            return x.contiguous()[None]  # as_strided below assumes contiguous rows
         xt = x.new_empty(ntx, bh, ny, rx, x.shape[-1])
         for i, s in enumerate(plan.x_starts):
             xt[i].copy_(x[:, :, s : s + rx])
