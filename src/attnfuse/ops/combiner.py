@@ -6,6 +6,9 @@ Sparse Computation Cost" (NeurIPS 2021, https://arxiv.org/abs/2107.05768); relea
 Status: backends ``"blocked"`` (O(L sqrt L) for ``"fixed"`` / ``"axial"``, O(L log L) for
 ``"logsparse"``) and ``"reference"`` (materialises the implied ``L x L`` attention matrix); they agree
 to rounding. Self-attention only (region summaries pool queries and keys of the same positions).
+Unmasked axial (``L = n s``, mean / sum pooling) and logsparse (``L = 2^k``) inputs take fused paths
+(``_axial_dense`` / ``_AxialCPU``, ``_logsparse_dense``: a few fused attentions with additive masks shared
+by every batch and head); masked or padded inputs take the general ones. Both agree with the reference.
 
 Attention is the conditional expectation ``E_{p(j|i)}[v_j]``. Combiner splits the support of query
 ``i`` into a *direct* set ``D_i`` and disjoint *regions* ``Omega_i^r`` and factorises
