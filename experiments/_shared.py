@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "RESULTS_SECTION", "add_run_arguments", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "run_and_report", "write_doc_section",
+    "RESULTS_SECTION", "add_run_arguments", "auroc", "fmt_mean_std", "markdown_table", "mean_std", "run_and_report", "run_seeds",
+    "write_doc_section",
 ]
 
 #: The section of each experiment's README.md that its script rewrites.
@@ -136,3 +137,21 @@ def run_and_report(
         for title, path, header in docs:
             write_doc_section(title, report, path, header=header)
     return results
+
+
+def run_seeds(seeds: Sequence[int], run_seed: Callable[[int], Any], *, log: Callable[[str], Any] = print,
+              label: str = "seed") -> list[Any]:
+    """``[run_seed(s) for s in seeds]`` with torch single-threaded (restored afterwards), logging each seed's time."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for s in seeds:
+            t0 = time.perf_counter()
+            out.append(run_seed(s))
+            log(f"{label} {s}: {time.perf_counter() - t0:.0f} s")
+        return out
+    finally:
+        torch.set_num_threads(threads)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from attnfuse.merge import bam_upcycle, btx_upcycle, moe_aux_loss
 from attnfuse.nn import ParallelBlock
-from experiments._shared import RESULTS_SECTION, add_run_arguments, fmt_mean_std, markdown_table, run_and_report
+from experiments._shared import RESULTS_SECTION, add_run_arguments, fmt_mean_std, markdown_table, run_and_report, run_seeds
 from experiments.ot_fusion.run import load_patches, split_data
 
 __all__ = ["DOMAINS", "BAMConfig", "ParallelViT", "format_report", "main", "run_experiment", "run_seed"]
@@ -189,18 +189,8 @@ def run_seed(cfg: BAMConfig, seed: int, x: Tensor, y: Tensor) -> dict:
 
 
 def run_experiment(cfg: BAMConfig, log=print) -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x, y = load_patches(cfg.subsample)
-        out = []
-        for s in cfg.seeds:
-            t0 = time.perf_counter()
-            out.append(run_seed(cfg, s, x, y))
-            log(f"seed {s}: {time.perf_counter() - t0:.0f} s")
-        return out
-    finally:
-        torch.set_num_threads(threads)
+    x, y = load_patches(cfg.subsample)
+    return run_seeds(cfg.seeds, lambda s: run_seed(cfg, s, x, y), log=log, label="seed")
 
 
 def format_report(results: list[dict], cfg: BAMConfig, command: str, seconds: float) -> str:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from attnfuse.data import load_mfeat, make_split
 from attnfuse.merge import Ensemble, ot_fuse, vanilla_average
 from attnfuse.nn import Encoder
-from experiments._shared import RESULTS_SECTION, add_run_arguments, fmt_mean_std, markdown_table, run_and_report
+from experiments._shared import RESULTS_SECTION, add_run_arguments, fmt_mean_std, markdown_table, run_and_report, run_seeds
 
 __all__ = ["OTConfig", "PatchViT", "format_report", "load_patches", "main", "run_experiment", "run_seed", "train"]
 
@@ -203,18 +203,8 @@ def run_seed(cfg: OTConfig, seed: int, x: Tensor, y: Tensor) -> dict[str, dict[s
 
 
 def run_experiment(cfg: OTConfig, log=print) -> list[dict[str, dict[str, float]]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x, y = load_patches(cfg.subsample)
-        out = []
-        for s in cfg.seeds:
-            t0 = time.perf_counter()
-            out.append(run_seed(cfg, s, x, y))
-            log(f"seed pair {s}: {time.perf_counter() - t0:.0f} s")
-        return out
-    finally:
-        torch.set_num_threads(threads)
+    x, y = load_patches(cfg.subsample)
+    return run_seeds(cfg.seeds, lambda s: run_seed(cfg, s, x, y), log=log, label="seed pair")
 
 
 def format_report(results: list[dict], cfg: OTConfig, command: str, seconds: float) -> str:
