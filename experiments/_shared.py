@@ -12,6 +12,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,6 +108,7 @@ def run_and_report(
     format_report: Callable[[Any, Any, str, float], str],
     *,
     command: str,
+    argv: Sequence[str] | None = None,
     docs: Sequence[tuple[str, Path, str]],
 ) -> Any:
     """Run (or reload with ``--from-json``) an experiment, print its report and write it into its documents.
@@ -116,11 +118,14 @@ def run_and_report(
         cfg: the experiment's config dataclass instance (rebuilt from the saved JSON with ``--from-json``).
         run_experiment: ``cfg -> results`` (JSON-serialisable).
         format_report: ``(results, cfg, command, seconds) -> markdown``.
-        command: the command line shown in the report.
+        command: the script's command (``python -m experiments.<name>.run``); the options it ran with are appended.
+        argv: the options passed to the script's ``main`` (``None``: ``sys.argv[1:]``).
         docs: ``(section title, path, header of a new file)`` for each document whose section is rewritten.
     Returns:
         The results.
     """
+    extra = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join([command, *extra])
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         cfg, results, command, seconds = type(cfg)(**saved["config"]), saved["results"], saved["command"], saved["seconds"]

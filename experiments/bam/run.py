@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mix-steps", type=int, default=BAMConfig.mix_steps)
     args = add_run_arguments(parser).parse_args(argv)
     cfg = BAMConfig(seeds=tuple(range(args.seeds)), mix_steps=args.mix_steps)
-    command = COMMAND if argv is None and len(sys.argv) == 1 else f"{COMMAND} {' '.join(argv if argv is not None else sys.argv[1:])}"
-    return run_and_report(args, cfg, run_experiment, format_report, command=command,
+    return run_and_report(args, cfg, run_experiment, format_report, command=COMMAND, argv=argv,
                           docs=[(RESULTS_SECTION, README, "# Results\n"),
                                 (DOC_SECTION, DOC, "# Model merging: OT fusion and BAM upcycling\n")])
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -237,8 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=OTConfig.epochs)
     args = add_run_arguments(parser).parse_args(argv)
     cfg = OTConfig(seeds=tuple(range(args.seeds)), epochs=args.epochs)
-    command = COMMAND if argv is None and len(sys.argv) == 1 else f"{COMMAND} {' '.join(argv if argv is not None else sys.argv[1:])}"
-    return run_and_report(args, cfg, run_experiment, format_report, command=command,
+    return run_and_report(args, cfg, run_experiment, format_report, command=COMMAND, argv=argv,
                           docs=[(RESULTS_SECTION, README, "# Results\n"),
                                 (DOC_SECTION, DOC, "# Model merging: OT fusion and BAM upcycling\n")])
 

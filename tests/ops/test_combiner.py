@@ -344,27 +344,6 @@ def test_axial_fast_path_matches_reference_with_lse_gradients(tol, monkeypatch, 
     assert calls["fn" if dv == 6 else "dense"] == len(AXIAL_FAST) and calls["fn" if dv == 5 else "dense"] == 0
 
 
-def test_axial_fast_path_matches_the_loop_oracle(tol):
-    q, k, v = rand_qkv(1, 1, 20, d=4, dv=4, seed=3)
-    for causal in (False, True):
-        out = ops.combiner_attention(q, k, v, mode="axial", block_size=5, is_causal=causal, scale=0.8)
-        want, _ = brute_combiner(q[0, 0].detach(), k[0, 0].detach(), v[0, 0].detach(), "axial", 5, causal,
-                                 torch.ones(20, dtype=torch.bool), 0.8)
-        torch.testing.assert_close(out[0, 0].detach(), want, **tol(F64, "fwd"))
-
-
-def test_axial_fast_path_float32():
-    q, k, v = rand_qkv(1, 2, 64, d=16, dv=16, dtype=torch.float32)
-    for causal in (False, True):
-        out = ops.combiner_attention(q, k, v, mode="axial", is_causal=causal)
-        ref = ops.combiner_attention(q, k, v, mode="axial", is_causal=causal, backend="reference")
-        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-        got = torch.autograd.grad(out.square().sum(), (q, k, v))
-        want = torch.autograd.grad(ref.square().sum(), (q, k, v))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
-
-
 # ---- unmasked logsparse fast path (issue 13, item 7): L a power of two, queries in groups, one fused call ----
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize(("pooling", "correction"), [("mean", True), ("max", False), ("sum", False), ("mean", False)])
@@ -396,20 +375,24 @@ def test_logsparse_fast_path_matches_reference_with_lse_gradients(tol, monkeypat
     assert len(calls) == len(lengths)
 
 
-def test_logsparse_fast_path_matches_the_loop_oracle(tol):
-    q, k, v = rand_qkv(1, 1, 64, d=4, dv=3, seed=4)
+@pytest.mark.parametrize(("mode", "length", "block", "d", "dv", "seed"), [("axial", 20, 5, 4, 4, 3), ("logsparse", 64, None, 4, 3, 4)])
+def test_fast_path_matches_the_loop_oracle(tol, mode, length, block, d, dv, seed):
+    """The unmasked axial / logsparse fast paths (issue 13, item 7) against the loop oracle, both directions."""
+    q, k, v = rand_qkv(1, 1, length, d=d, dv=dv, seed=seed)
     for causal in (False, True):
-        out = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal, scale=0.8)
-        want, _ = brute_combiner(q[0, 0].detach(), k[0, 0].detach(), v[0, 0].detach(), "logsparse", None, causal,
-                                 torch.ones(64, dtype=torch.bool), 0.8)
+        kw = {"block_size": block} if block is not None else {}
+        out = ops.combiner_attention(q, k, v, mode=mode, is_causal=causal, scale=0.8, **kw)
+        want, _ = brute_combiner(q[0, 0].detach(), k[0, 0].detach(), v[0, 0].detach(), mode, block, causal,
+                                 torch.ones(length, dtype=torch.bool), 0.8)
         torch.testing.assert_close(out[0, 0].detach(), want, **tol(F64, "fwd"))
 
 
-def test_logsparse_fast_path_float32():
-    q, k, v = rand_qkv(1, 2, 128, d=16, dv=16, dtype=torch.float32)
+@pytest.mark.parametrize(("mode", "length"), [("axial", 64), ("logsparse", 128)])
+def test_fast_path_float32(mode, length):
+    q, k, v = rand_qkv(1, 2, length, d=16, dv=16, dtype=torch.float32)
     for causal in (False, True):
-        out = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal)
-        ref = ops.combiner_attention(q, k, v, mode="logsparse", is_causal=causal, backend="reference")
+        out = ops.combiner_attention(q, k, v, mode=mode, is_causal=causal)
+        ref = ops.combiner_attention(q, k, v, mode=mode, is_causal=causal, backend="reference")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
         got = torch.autograd.grad(out.square().sum(), (q, k, v))
         want = torch.autograd.grad(ref.square().sum(), (q, k, v))
